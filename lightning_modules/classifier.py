@@ -1,0 +1,74 @@
+"""The LightningModule every trial trains.
+
+Validation runs two loaders each epoch, both in eval mode (dropout off): 0 = validation set,
+1 = a fixed subset of the training set of the same size. So `train_acc` is the accuracy the
+network really has on data it trained on, not the running average with dropout on, and
+`gap = train_acc - val_acc` compares like with like.
+"""
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.metrics import GAP, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+
+VAL_LOADER, TRAIN_EVAL_LOADER = 0, 1
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-3,
+                 weight_decay: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        # Manual optimization: several optimizer steps per Lightning step (the training loader
+        # yields groups of mini-batches), and no closure machinery; the loop below is all it does.
+        self.automatic_optimization = False
+        # Per-epoch metrics as plain floats; callbacks read the last entry.
+        self.history: list[dict[str, float]] = []
+        self._sums = torch.zeros(2, 3)  # per loader: loss sum, correct, count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        # `batch` is a list of mini-batches: one optimizer step each (see ShuffledGroups).
+        opt = self.optimizers(use_pl_optimizer=False)
+        assert isinstance(opt, torch.optim.Optimizer)
+        for x, y in batch:
+            loss = F.cross_entropy(self.net(x), y)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums = torch.zeros(2, 3, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        correct = (logits.argmax(1) == y).sum()
+        self._sums[dataloader_idx] += torch.stack([loss.double(), correct.double(),
+                                                   torch.tensor(len(y), device=self.device,
+                                                                dtype=torch.float64)])
+
+    def on_validation_epoch_end(self) -> None:
+        # One device->host sync per epoch.
+        (vl, vc, vn), (tl, tc, tn) = self._sums.tolist()
+        m = {VAL_LOSS: vl / vn, VAL_ACC: vc / vn}
+        if tn > 0:
+            m |= {TRAIN_LOSS: tl / tn, TRAIN_ACC: tc / tn}
+            m[GAP] = m[TRAIN_ACC] - m[VAL_ACC]
+        self.history.append(m)
+
+    def configure_optimizers(self):
+        params, lr, wd = self.parameters(), self.lr, self.weight_decay
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+        raise ValueError(f"unknown optimizer {self.optimizer_name!r}")

@@ -1,0 +1,102 @@
+"""Framework overhead: one trial through Optuna + Lightning + MLflow vs a bare PyTorch loop.
+
+Same model (784-512-512-10 MLP, dropout 0.2), Adam lr 1e-3, batch 128, same 50k/10k MNIST
+tensors, same per-epoch evaluation (val set + equal-size train subset, eval mode). Runs are
+interleaved (order alternates) and the median ratio is printed, because this machine is noisy.
+
+    python scripts/bench_trial.py --root ../shared/data/mnist --epochs 3 --repeats 3
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.models import Architecture, build_model
+from sweeper import data
+from sweeper.config import Config, DataConfig, ParamSpec
+from sweeper.study import run_study
+from sweeper.training import trial_seed
+
+ARCH = Architecture("mlp", (512, 512), 0.2)
+
+
+def bare(splits: data.Splits, epochs: int, seed: int) -> float:
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = build_model(ARCH, splits.in_shape, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    n, bs = len(splits.y_train), 128
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, bs):
+            j = order[i:i + bs]
+            loss = F.cross_entropy(model(splits.x_train[j]), splits.y_train[j])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.inference_mode():
+            for x, y in ((splits.x_val, splits.y_val), (splits.x_train_eval, splits.y_train_eval)):
+                correct = sum((model(x[i:i + 5000]).argmax(1) == y[i:i + 5000]).sum().item()
+                              for i in range(0, len(y), 5000))
+        val_acc = correct / len(y)
+    assert val_acc > 0.5
+    return time.perf_counter() - t0
+
+
+def framework(splits: data.Splits, epochs: int, store: Path, name: str) -> float:
+    cfg = Config(name=name)
+    cfg.search.study_name = name
+    cfg.search.n_trials, cfg.search.pruner = 1, "none"
+    cfg.search.storage = f"sqlite:///{store}/optuna.db"
+    cfg.tracking.uri = f"sqlite:///{store}/mlflow.db"
+    cfg.trainer.max_epochs = epochs
+    cfg.search.space = {"depth": ParamSpec("categorical", choices=[2]),
+                        "width": ParamSpec("categorical", choices=[512]),
+                        "dropout": ParamSpec("categorical", choices=[0.2])}
+    t0 = time.perf_counter()
+    run_study(cfg, splits=splits)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="../shared/data/mnist")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    splits = data.make_splits(data.load(DataConfig(name="mnist", root=args.root,
+                                                   fallback_to_sample=False)),
+                              10_000, 0, torch.device("cpu"))
+    print(f"data {splits.describe()}; torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        framework(splits, 1, store, "warmup")  # creates the stores once: not a per-trial cost
+        ratios, fw_times, bare_times = [], [], []
+        for r in range(args.repeats):
+            pair = {}
+            for which in (("bare", "fw") if r % 2 == 0 else ("fw", "bare")):
+                if which == "bare":
+                    pair[which] = bare(splits, args.epochs, trial_seed(0, 0))
+                else:
+                    pair[which] = framework(splits, args.epochs, store, f"bench{r}")
+            ratios.append(pair["fw"] / pair["bare"])
+            fw_times.append(pair["fw"])
+            bare_times.append(pair["bare"])
+            print(f"repeat {r}: bare {pair['bare']:.2f}s  framework {pair['fw']:.2f}s  "
+                  f"ratio {ratios[-1]:.3f}", flush=True)
+    med = statistics.median
+    print(f"\nmedian over {args.repeats}: bare {med(bare_times):.2f}s "
+          f"({med(bare_times) / args.epochs:.2f}s/epoch), framework {med(fw_times):.2f}s "
+          f"({med(fw_times) / args.epochs:.2f}s/epoch); framework/bare ratio {med(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

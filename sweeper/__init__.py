@@ -1,0 +1,1 @@
+"""sweeper: Hydra + Optuna + Lightning + MLflow sweeps over digit-image classifiers."""

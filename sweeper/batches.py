@@ -1,0 +1,42 @@
+"""Batches as index slices of tensors already on the device: no Dataset, no DataLoader, no
+per-sample Python. Lightning accepts any iterable with a length as a loader."""
+
+import torch
+
+
+class IndexBatches:
+    """Evaluation loader: contiguous slices (views, no copy) of `batch_size` rows."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.y), self.batch_size):
+            yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+
+
+class ShuffledGroups:
+    """Training loader: a fresh permutation each epoch, cut into mini-batches of `batch_size`,
+    handed out `group` mini-batches at a time (the LightningModule takes one optimizer step per
+    mini-batch). Grouping is Keras' `steps_per_execution`: Lightning's fixed cost per step
+    (~0.3 ms of hooks here) is paid once per group; the optimization itself is unchanged."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, group: int, seed: int):
+        self.x, self.y, self.batch_size, self.group = x, y, batch_size, group
+        # Own generator: the batch order depends on the trial seed only, not on global RNG use.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n_batches = -(-len(self.y) // self.batch_size)
+        return -(-n_batches // self.group)
+
+    def __iter__(self):
+        n, bs = len(self.y), self.batch_size
+        order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        starts = range(0, n, bs)
+        for g in range(0, len(starts), self.group):
+            idx = [order[i:i + bs] for i in starts[g:g + self.group]]
+            yield [(self.x[j], self.y[j]) for j in idx]

@@ -1,0 +1,208 @@
+"""Typed config schema. Hydra composes YAML from conf/; `to_config` turns it into these
+dataclasses once, at the entry point, and `validate` rejects bad values before any training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sweeper.errors import UserError
+
+DATASETS = ("mnist", "mnist_sample", "fashion_mnist")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+PRUNERS = ("median", "hyperband", "none")
+OBJECTIVES = ("final", "best")
+PARAM_TYPES = ("int", "float", "categorical")
+MODEL_FAMILIES = ("mlp",)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+# Where a searched parameter lands: model architecture or training recipe.
+MODEL_PARAMS = ("depth", "width", "dropout")
+TRAINER_PARAMS = ("lr", "batch_size", "weight_decay")
+SEARCHABLE = MODEL_PARAMS + TRAINER_PARAMS
+
+
+@dataclass
+class ParamSpec:
+    type: str = "float"
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    step: Any = None
+    choices: Optional[List[Any]] = None
+    # width only: sample one width per hidden layer (width_0 .. width_{depth-1}).
+    per_layer: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"
+    # Folder with the IDX files. null: ~/.cache/sweeper/<name>, downloaded there if missing.
+    root: Optional[str] = None
+    val_size: int = 10_000
+    # mnist only: if the IDX files are missing and the download fails, train on the embedded
+    # 5,000-image sample (with a loud warning) instead of stopping.
+    fallback_to_sample: bool = True
+
+
+@dataclass
+class ModelConfig:
+    family: str = "mlp"
+    depth: int = 2
+    width: int = 512
+    dropout: float = 0.2
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 5_000
+    # Optimizer steps per Lightning step (Keras' steps_per_execution): amortizes Lightning's
+    # per-step overhead. Numerically identical to 1.
+    steps_per_execution: int = 8
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    accelerator: str = "auto"
+
+
+@dataclass
+class SearchConfig:
+    n_trials: int = 20
+    study_name: str = "default"
+    storage: str = "sqlite:///mlruns/optuna.db"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    # Median pruner: never prune during the first N trials or before epoch N+1.
+    pruner_startup_trials: int = 5
+    pruner_warmup_epochs: int = 3
+    # final: val_acc at the last epoch; best: best val_acc over epochs.
+    objective: str = "final"
+    max_consecutive_failures: int = 3
+    space: Dict[str, ParamSpec] = field(default_factory=dict)
+    # Trials to run first when the study is new (e.g. a known baseline), as {param: value}.
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    # null: <folder of the sqlite file>/artifacts, or ./mlruns/artifacts for other URIs.
+    artifact_location: Optional[str] = None
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    debug: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Merge the composed YAML into the schema: type errors and unknown keys surface here."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise UserError(f"config {key or ''}: {msg}".replace("config : ", "config: ")) from e
+    assert isinstance(obj, Config)
+    return obj
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with one line that names the key and the fix."""
+    _one_of("data", cfg.data.name, DATASETS)
+    _check(cfg.data.val_size >= 1, f"data.val_size={cfg.data.val_size} must be >= 1")
+    _one_of("model.family", cfg.model.family, MODEL_FAMILIES)
+    _check(cfg.model.depth >= 1, f"model.depth={cfg.model.depth} must be >= 1")
+    _check(cfg.model.width >= 1, f"model.width={cfg.model.width} must be >= 1")
+    _check(0 <= cfg.model.dropout < 1, f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    t = cfg.trainer
+    _check(t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs} must be >= 1")
+    _check(t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1")
+    _check(t.eval_batch_size >= 1, f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1")
+    _check(t.steps_per_execution >= 1,
+           f"trainer.steps_per_execution={t.steps_per_execution} must be >= 1")
+    _check(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number")
+    _check(t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay} must be >= 0")
+    _one_of("trainer.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of("trainer.accelerator", t.accelerator, ACCELERATORS)
+    s = cfg.search
+    _check(s.n_trials >= 1, f"search.n_trials={s.n_trials} must be >= 1")
+    _check(bool(s.study_name.strip()), "search.study_name must not be empty")
+    _one_of("search.sampler", s.sampler, SAMPLERS)
+    _one_of("search.pruner", s.pruner, PRUNERS)
+    _one_of("search.objective", s.objective, OBJECTIVES)
+    _check(s.max_consecutive_failures >= 1, "search.max_consecutive_failures must be >= 1")
+    _check(bool(s.space), "search.space is empty: pick an experiment (+experiment=depth_vs_width) "
+           "or define search.space in YAML (see README, 'Writing a search space')")
+    for name, spec in s.space.items():
+        _validate_param(name, spec, s.sampler)
+    for i, fixed in enumerate(s.enqueue):
+        unknown = sorted(set(fixed) - set(s.space))
+        _check(not unknown, f"search.enqueue[{i}]: {unknown} not in search.space")
+
+
+def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
+    key = f"search.space.{name}"
+    _check(name in SEARCHABLE, f"{key}: unknown parameter; searchable: {', '.join(SEARCHABLE)}")
+    _one_of(f"{key}.type", p.type, PARAM_TYPES)
+    _check(not p.per_layer or name == "width", f"{key}.per_layer is only supported for width")
+    _check(not (p.per_layer and sampler == "grid"),
+           f"{key}.per_layer: the grid sampler needs a fixed set of parameters; use one width")
+    if p.type == "categorical":
+        _check(bool(p.choices), f"{key}: categorical needs a non-empty 'choices' list")
+        values = list(p.choices or [])
+    else:
+        _check(p.low is not None and p.high is not None, f"{key}: {p.type} needs 'low' and 'high'")
+        _check(p.choices is None, f"{key}: 'choices' is only for type: categorical")
+        num = (int,) if p.type == "int" else (int, float)
+        for bound in ("low", "high", "step"):
+            v = getattr(p, bound)
+            _check(v is None or (isinstance(v, num) and not isinstance(v, bool)),
+                   f"{key}.{bound}={v!r} must be {'an integer' if p.type == 'int' else 'a number'}")
+        _check(p.low <= p.high, f"{key}: empty range, low={p.low} > high={p.high}")
+        _check(not (p.log and p.low <= 0), f"{key}: log scale needs low > 0 (got {p.low})")
+        _check(not (p.log and p.step is not None), f"{key}: use either log or step, not both")
+        _check(p.step is None or p.step > 0, f"{key}.step={p.step} must be > 0")
+        if sampler == "grid":
+            _check(p.step is not None or p.low == p.high,
+                   f"{key}: search.sampler=grid needs 'step' (or type: categorical) for every "
+                   "parameter")
+        values = [p.low, p.high]
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    checks = {
+        "depth": (lambda v: isinstance(v, int) and v >= 1, "depth must be an integer >= 1"),
+        "width": (lambda v: isinstance(v, int) and v >= 1, "width must be an integer >= 1"),
+        "batch_size": (lambda v: isinstance(v, int) and v >= 1, "batch_size must be an int >= 1"),
+        "dropout": (lambda v: number(v) and 0 <= v < 1, "dropout must be in [0, 1)"),
+        "lr": (lambda v: number(v) and v > 0, "lr must be > 0"),
+        "weight_decay": (lambda v: number(v) and v >= 0, "weight_decay must be >= 0"),
+    }
+    ok, why = checks[name]
+    for v in values:
+        _check(ok(v), f"{key}: {v!r} is out of range: {why}")

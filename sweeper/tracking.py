@@ -1,0 +1,130 @@
+"""MLflow layout: one experiment per study, one parent run per study (reused on resume), one
+child run per Optuna trial with per-epoch metrics (step = epoch, from 1).
+
+A pruned trial's run ends FINISHED with tag optuna.state=PRUNED: it trained correctly and was
+stopped on purpose, which is not a failure. Failed trials end FAILED, interrupted ones KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sweeper.errors import UserError
+
+ROLE_TAG = "sweeper.role"  # parent | trial
+STUDY_TAG = "sweeper.study"
+TRIAL_TAG = "optuna.trial_number"
+STATE_TAG = "optuna.state"  # COMPLETE | PRUNED | FAIL
+DATA_TAG = "data.source"
+ERROR_TAG = "sweeper.error"
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def prepare_sqlite(uri: str, what: str) -> None:
+    """SQLite wants its folder to exist; say clearly when it cannot be made or written."""
+    path = sqlite_path(uri)
+    if path is None or str(path) == ":memory:":
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-test-{time.time_ns()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what}={uri}: cannot write to {path.parent} ({e.strerror}); "
+                        f"choose a writable place with {what}=sqlite:///PATH/file.db") from None
+
+
+class Tracker:
+    def __init__(self, uri: str, artifact_location: str | None, experiment: str):
+        prepare_sqlite(uri, "tracking.uri")
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        # After the import: mlflow configures its own logger when imported.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        self.client = MlflowClient(tracking_uri=uri)
+        if artifact_location is None and (db := sqlite_path(uri)) is not None:
+            artifact_location = (db.parent / "artifacts").resolve().as_uri()
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, artifact_location=artifact_location)
+                except MlflowException:  # another worker created it a moment ago
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    raise UserError(f"MLflow experiment {experiment!r} is deleted in {uri}; "
+                                    "restore it (mlflow experiments restore) or choose "
+                                    "another search.study_name")
+                self.experiment_id = exp.experiment_id
+        except MlflowException as e:
+            raise UserError(f"tracking.uri={uri}: {str(e).splitlines()[0]}") from None
+        self.uri, self.experiment = uri, experiment
+
+    def open_parent(self, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """The study's parent run: reused when it exists (resume), created otherwise."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
+            order_by=["attributes.start_time ASC"], max_results=1)
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=self.experiment,
+                                         tags={ROLE_TAG: "parent", STUDY_TAG: self.experiment})
+            run_id = run.info.run_id
+            self._log(run_id, params=params)
+        self._log(run_id, tags=tags)
+        return run_id
+
+    def start_trial(self, parent_id: str, number: int, params: dict[str, Any],
+                    tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{number:03d}",
+            tags={PARENT_RUN_ID_TAG: parent_id, ROLE_TAG: "trial", STUDY_TAG: self.experiment,
+                  TRIAL_TAG: str(number), **tags})
+        self._log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        self._log(run_id, metrics=metrics, step=step)
+
+    def end_trial(self, run_id: str, state: str, metrics: dict[str, float],
+                  error: str | None = None) -> None:
+        tags = {STATE_TAG: state} | ({ERROR_TAG: error[:5000]} if error else {})
+        self._log(run_id, metrics=metrics, tags=tags)
+        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state,
+                                                                                     "KILLED")
+        self.client.set_terminated(run_id, status=status)
+
+    def close_parent(self, run_id: str, status: str, summary_md: str | None = None) -> None:
+        if summary_md:
+            self.client.log_text(run_id, summary_md, "best_trials.md")
+        self.client.set_terminated(run_id, status=status)
+
+    def _log(self, run_id: str, params: dict[str, Any] | None = None,
+             metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+             step: int = 0) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+            synchronous=True)

@@ -1,0 +1,124 @@
+"""One trial's training: resolve its config, build the model, fit it with Lightning.
+
+Knows nothing of Optuna or MLflow: the study passes `on_epoch(epoch, metrics) -> stop?`,
+called after each epoch's evaluation, and does reporting/pruning/logging there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_modules.classifier import Classifier
+from lightning_modules.models import Architecture, build_model, count_params
+from sweeper.batches import IndexBatches, ShuffledGroups
+from sweeper.config import Config
+from sweeper.data import Splits
+
+EpochHook = Callable[[int, dict[str, float]], bool]
+
+# Lightning sets this on import so that CUDA checks do not poison forked DataLoader workers; we
+# fork none, and with it set every optimizer step re-probes NVML (~30 us a step on CPU).
+os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+# Our loaders are index slices of tensors already on the device; Lightning's advice about
+# DataLoader workers and small-batch logging intervals does not apply.
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial needs: config defaults overridden by the sampled parameters."""
+
+    arch: Architecture
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    eval_batch_size: int
+    steps_per_execution: int
+    max_epochs: int
+    seed: int
+
+    def mlflow_params(self) -> dict[str, Any]:
+        widths = set(self.arch.hidden)
+        width = self.arch.hidden[0] if len(widths) == 1 else "-".join(map(str, self.arch.hidden))
+        return {"family": self.arch.family, "depth": len(self.arch.hidden), "width": width,
+                "dropout": self.arch.dropout, "lr": self.lr, "batch_size": self.batch_size,
+                "max_epochs": self.max_epochs, "optimizer": self.optimizer,
+                "weight_decay": self.weight_decay, "seed": self.seed}
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """Each trial's seed derives from (study seed, trial number): one trial can be re-run alone."""
+    return (study_seed * 1_000_003 + number) % 2**31
+
+
+def resolve(cfg: Config, params: dict[str, Any], number: int) -> TrialSpec:
+    depth = int(params.get("depth", cfg.model.depth))
+    if "width_0" in params:
+        hidden = tuple(int(params[f"width_{i}"]) for i in range(depth))
+    else:
+        hidden = (int(params.get("width", cfg.model.width)),) * depth
+    t = cfg.trainer
+    return TrialSpec(
+        arch=Architecture(cfg.model.family, hidden,
+                          float(params.get("dropout", cfg.model.dropout))),
+        optimizer=t.optimizer, lr=float(params.get("lr", t.lr)),
+        weight_decay=float(params.get("weight_decay", t.weight_decay)),
+        batch_size=int(params.get("batch_size", t.batch_size)),
+        eval_batch_size=t.eval_batch_size, steps_per_execution=t.steps_per_execution,
+        max_epochs=t.max_epochs,
+        seed=trial_seed(cfg.seed, number))
+
+
+def accelerator(name: str) -> torch.device:
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        from sweeper.errors import UserError
+        raise UserError(f"trainer.accelerator={name} but no CUDA GPU is visible; use auto or cpu")
+    use_cuda = name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+class _EpochEnd(pl.Callback):
+    def __init__(self, hook: EpochHook):
+        self.hook = hook
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert isinstance(pl_module, Classifier)
+        if self.hook(len(pl_module.history), pl_module.history[-1]):
+            trainer.should_stop = True
+
+
+def build(spec: TrialSpec, splits: Splits) -> Classifier:
+    pl.seed_everything(spec.seed, verbose=False)
+    net = build_model(spec.arch, splits.in_shape, splits.n_classes)
+    return Classifier(net, spec.optimizer, spec.lr, spec.weight_decay)
+
+
+def n_params(module: Classifier) -> int:
+    return count_params(module.net)
+
+
+def fit(module: Classifier, spec: TrialSpec, splits: Splits, on_epoch: EpochHook) -> None:
+    device = splits.x_train.device
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        max_epochs=spec.max_epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[_EpochEnd(on_epoch)])
+    train = ShuffledGroups(splits.x_train, splits.y_train, spec.batch_size,
+                           spec.steps_per_execution, seed=spec.seed)
+    evals = [IndexBatches(splits.x_val, splits.y_val, spec.eval_batch_size),
+             IndexBatches(splits.x_train_eval, splits.y_train_eval, spec.eval_batch_size)]
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=evals)

@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweeper.config import Config, ParamSpec
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+# Never download in tests; keep any cache out of the user's home.
+os.environ["SWEEPER_OFFLINE"] = "1"
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    if not (MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"full MNIST not found at {MNIST} (the shared data folder beside the repo)")
+    return MNIST
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> Config:
+    """A study on the embedded sample, stores in tmp_path: seconds on a CPU."""
+    cfg = Config(name="tiny")
+    cfg.data.name, cfg.data.val_size = "mnist_sample", 1000
+    cfg.search.study_name = "tiny"
+    cfg.search.storage = f"sqlite:///{tmp_path}/optuna.db"
+    cfg.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.trainer.max_epochs = 2
+    cfg.search.n_trials = 2
+    cfg.search.space = {"depth": ParamSpec("int", low=1, high=2),
+                        "width": ParamSpec("int", low=16, high=64, log=True)}
+    return cfg

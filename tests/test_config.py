@@ -1,0 +1,122 @@
+"""Every experiment composes into a valid typed config; bad values fail with one clear line."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sweeper.config import Config, ParamSpec, to_config, validate
+from sweeper.errors import UserError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_cfg(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_experiments_exist():
+    assert {"smoke", "depth_vs_width"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    cfg = compose_cfg(f"+experiment={name}")
+    validate(cfg)
+    assert cfg.name == name
+    assert cfg.search.study_name == name  # study name defaults to the experiment name
+    assert cfg.search.space
+
+
+def test_defaults_match_the_documented_interface():
+    cfg = compose_cfg()
+    assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"
+    assert cfg.search.storage == "sqlite:///mlruns/optuna.db"
+    assert cfg.data.name == "mnist" and cfg.data.val_size == 10_000
+    assert set(cfg.search.space) == {"depth", "width", "dropout", "lr"}
+
+
+def test_smoke_uses_the_embedded_sample_and_a_tiny_budget():
+    cfg = compose_cfg("+experiment=smoke")
+    assert cfg.data.name == "mnist_sample"
+    assert cfg.search.n_trials <= 3 and cfg.trainer.max_epochs <= 2
+
+
+@pytest.mark.parametrize("override", [
+    "data=mnist_sample", "data=fashion_mnist", "search.sampler=random", "search.sampler=qmc",
+    "search.sampler=cmaes", "search.pruner=hyperband", "search.pruner=none", "seed=7",
+    "trainer.max_epochs=3", "trainer.batch_size=64", "search.n_trials=5", "data.root=/tmp/x",
+    "search.study_name=other", "search.storage=sqlite:///x.db", "tracking.uri=sqlite:///y.db"])
+def test_documented_overrides_compose(override):
+    validate(compose_cfg("+experiment=depth_vs_width", override))
+
+
+def test_type_errors_become_user_errors():
+    with pytest.raises(UserError, match="n_trials"):
+        compose_cfg("search.n_trials=lots")
+
+
+def _bad(**changes) -> Config:
+    cfg = compose_cfg("+experiment=smoke")
+    for key, value in changes.items():
+        section, field = key.split("__")
+        setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model__depth": 0}, "model.depth=0 must be >= 1"),
+    ({"model__width": 0}, "model.width=0 must be >= 1"),
+    ({"model__dropout": 1.0}, r"model.dropout=1.0 must be in \[0, 1\)"),
+    ({"search__n_trials": 0}, "search.n_trials=0 must be >= 1"),
+    ({"search__sampler": "bayes"}, "search.sampler='bayes' is not one of"),
+    ({"search__pruner": "asha"}, "search.pruner='asha' is not one of"),
+    ({"trainer__max_epochs": 0}, "trainer.max_epochs=0 must be >= 1"),
+    ({"trainer__lr": -1.0}, "trainer.lr=-1.0 must be a positive number"),
+    ({"data__name": "cifar"}, "data='cifar' is not one of"),
+    ({"search__space": {}}, "search.space is empty"),
+])
+def test_invalid_values_are_rejected(changes, message):
+    with pytest.raises(UserError, match=message):
+        validate(_bad(**changes))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (ParamSpec("int", low=4, high=1), "empty range"),
+    (ParamSpec("int", low=0, high=3), "depth must be an integer >= 1"),
+    (ParamSpec("float", low=0.5, high=1.0), None),  # wrong for depth: a float range
+    (ParamSpec("categorical", choices=[]), "non-empty 'choices'"),
+    (ParamSpec("int", low=1, high=3, log=True, step=1), "either log or step"),
+    (ParamSpec("cube", low=1, high=3), "type='cube' is not one of"),
+])
+def test_invalid_depth_specs_are_rejected(spec, message):
+    cfg = compose_cfg("+experiment=smoke")
+    cfg.search.space["depth"] = spec
+    with pytest.raises(UserError, match=message or "must be an integer"):
+        validate(cfg)
+
+
+def test_dropout_range_must_stay_below_one():
+    cfg = compose_cfg("+experiment=smoke")
+    cfg.search.space["dropout"] = ParamSpec("float", low=0.0, high=1.0)
+    with pytest.raises(UserError, match=r"dropout must be in \[0, 1\)"):
+        validate(cfg)
+
+
+def test_unknown_parameter_and_grid_without_step():
+    cfg = compose_cfg("+experiment=smoke")
+    cfg.search.space["momentum"] = ParamSpec("float", low=0.1, high=0.9)
+    with pytest.raises(UserError, match="unknown parameter"):
+        validate(cfg)
+    cfg = compose_cfg("+experiment=smoke", "search.sampler=grid")
+    with pytest.raises(UserError, match="grid needs 'step'"):
+        validate(cfg)
+
+
+def test_schema_defaults_are_the_yaml_defaults():
+    # The YAML files are the documented defaults; the dataclass must not silently disagree.
+    yaml_cfg = compose_cfg()
+    assert dataclasses.asdict(yaml_cfg.trainer) == dataclasses.asdict(Config().trainer)

