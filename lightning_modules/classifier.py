@@ -6,6 +6,8 @@ network really has on data it trained on, not the running average with dropout o
 `gap = train_acc - val_acc` compares like with like.
 """
 
+import math
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -18,10 +20,12 @@ VAL_LOADER, TRAIN_EVAL_LOADER = 0, 1
 
 class Classifier(pl.LightningModule):
     def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-3,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, lr_schedule: str = "constant", total_steps: int = 0):
         super().__init__()
         self.net = net
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        # cosine: lr decays from `lr` to 0 over `total_steps` optimizer steps (one per batch).
+        self.lr_schedule, self.total_steps, self.steps_done = lr_schedule, total_steps, 0
         # Manual optimization: several optimizer steps per Lightning step (the training loader
         # yields groups of mini-batches), and no closure machinery; the loop below is all it does.
         self.automatic_optimization = False
@@ -37,10 +41,15 @@ class Classifier(pl.LightningModule):
         opt = self.optimizers(use_pl_optimizer=False)
         assert isinstance(opt, torch.optim.Optimizer)
         for x, y in batch:
+            if self.lr_schedule == "cosine":
+                progress = min(self.steps_done / max(self.total_steps, 1), 1.0)
+                for group in opt.param_groups:
+                    group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * progress))
             loss = F.cross_entropy(self.net(x), y)
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             opt.step()
+            self.steps_done += 1
 
     def on_validation_epoch_start(self) -> None:
         self._sums = torch.zeros(2, 3, device=self.device, dtype=torch.float64)

@@ -19,6 +19,7 @@ OBJECTIVES = ("final", "best")
 PARAM_TYPES = ("int", "float", "categorical")
 MODEL_FAMILIES = ("mlp",)
 OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 # Where a searched parameter lands: model architecture or training recipe.
@@ -67,6 +68,8 @@ class TrainerConfig:
     # per-step overhead. Numerically identical to 1.
     steps_per_execution: int = 8
     optimizer: str = "adam"
+    # cosine: decay to 0 over max_epochs (per step); constant: no schedule.
+    lr_schedule: str = "cosine"
     lr: float = 1e-3
     weight_decay: float = 0.0
     accelerator: str = "auto"
@@ -148,6 +151,7 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number")
     _check(t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay} must be >= 0")
     _one_of("trainer.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of("trainer.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _one_of("trainer.accelerator", t.accelerator, ACCELERATORS)
     s = cfg.search
     _check(s.n_trials >= 1, f"search.n_trials={s.n_trials} must be >= 1")

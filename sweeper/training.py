@@ -42,6 +42,7 @@ class TrialSpec:
 
     arch: Architecture
     optimizer: str
+    lr_schedule: str
     lr: float
     weight_decay: float
     batch_size: int
@@ -56,6 +57,7 @@ class TrialSpec:
         return {"family": self.arch.family, "depth": len(self.arch.hidden), "width": width,
                 "dropout": self.arch.dropout, "lr": self.lr, "batch_size": self.batch_size,
                 "max_epochs": self.max_epochs, "optimizer": self.optimizer,
+                "lr_schedule": self.lr_schedule,
                 "weight_decay": self.weight_decay, "seed": self.seed}
 
 
@@ -74,7 +76,7 @@ def resolve(cfg: Config, params: dict[str, Any], number: int) -> TrialSpec:
     return TrialSpec(
         arch=Architecture(cfg.model.family, hidden,
                           float(params.get("dropout", cfg.model.dropout))),
-        optimizer=t.optimizer, lr=float(params.get("lr", t.lr)),
+        optimizer=t.optimizer, lr_schedule=t.lr_schedule, lr=float(params.get("lr", t.lr)),
         weight_decay=float(params.get("weight_decay", t.weight_decay)),
         batch_size=int(params.get("batch_size", t.batch_size)),
         eval_batch_size=t.eval_batch_size, steps_per_execution=t.steps_per_execution,
@@ -103,7 +105,9 @@ class _EpochEnd(pl.Callback):
 def build(spec: TrialSpec, splits: Splits) -> Classifier:
     pl.seed_everything(spec.seed, verbose=False)
     net = build_model(spec.arch, splits.in_shape, splits.n_classes)
-    return Classifier(net, spec.optimizer, spec.lr, spec.weight_decay)
+    total_steps = spec.max_epochs * -(-len(splits.y_train) // spec.batch_size)
+    return Classifier(net, spec.optimizer, spec.lr, spec.weight_decay, spec.lr_schedule,
+                      total_steps)
 
 
 def n_params(module: Classifier) -> int:

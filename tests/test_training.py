@@ -25,10 +25,16 @@ def test_shuffled_groups_cover_each_row_once_per_epoch():
 def _train(steps_per_execution: int, seed: int = 5) -> list[dict[str, float]]:
     splits = data.make_splits(data.load(DataConfig(name="mnist_sample")), 1000, 0,
                               torch.device("cpu"))
-    spec = training.TrialSpec(Architecture("mlp", (32,), 0.1), "adam", 1e-3, 0.0, 64, 500,
-                              steps_per_execution, 2, seed)
+    spec = training.TrialSpec(arch=Architecture("mlp", (32,), 0.1), optimizer="adam",
+                              lr_schedule="cosine", lr=1e-3, weight_decay=0.0, batch_size=64,
+                              eval_batch_size=500, steps_per_execution=steps_per_execution,
+                              max_epochs=2, seed=seed)
     module = training.build(spec, splits)
     training.fit(module, spec, splits, lambda epoch, m: False)
+    # the cosine schedule ran its course: one step per mini-batch, lr annealed to ~0
+    assert module.steps_done == module.total_steps == 2 * 63
+    lr = module.optimizers(use_pl_optimizer=False).param_groups[0]["lr"]  # type: ignore[union-attr]
+    assert lr < 1e-6
     return module.history
 
 
