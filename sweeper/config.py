@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from sweeper.errors import UserError
@@ -88,6 +88,7 @@ class SearchConfig:
     # final: val_acc at the last epoch; best: best val_acc over epochs.
     objective: str = "final"
     max_consecutive_failures: int = 3
+    # name -> spec; `name: null` removes a parameter that the defaults put in the space.
     space: Dict[str, ParamSpec] = field(default_factory=dict)
     # Trials to run first when the study is new (e.g. a known baseline), as {param: value}.
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
@@ -114,6 +115,11 @@ class Config:
 
 def to_config(cfg: DictConfig) -> Config:
     """Merge the composed YAML into the schema: type errors and unknown keys surface here."""
+    space = OmegaConf.select(cfg, "search.space")
+    if isinstance(space, DictConfig):
+        with open_dict(space):
+            for name in [k for k, v in space.items() if v is None]:
+                del space[name]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
         obj = OmegaConf.to_object(merged)

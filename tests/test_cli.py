@@ -1,8 +1,13 @@
 """Bad input at the command line: one clear line, non-zero exit, never a traceback."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
-from tests.test_study import sweep
+from tests.test_study import REPO, sweep
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -32,3 +37,14 @@ def test_unknown_config_option_is_hydras_clear_error(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = sweep(tmp_path, "+experiment=smoke", "search.n_trials=0", "debug=true")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pty")
+def test_live_indicator_on_a_terminal(tmp_path):
+    # `script` runs the sweep on a pseudo-terminal, where the per-epoch indicator is shown.
+    env = {**os.environ, "SWEEPER_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = f"{sys.executable} -m sweeper +experiment=smoke search.n_trials=1"
+    out = subprocess.run(["script", "-qec", cmd, "/dev/null"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300).stdout
+    assert "trial 0: epoch 1/2" in out and "trial 0: epoch 2/2" in out
+    assert "[1/1] trial   0" in out

@@ -120,3 +120,11 @@ def test_schema_defaults_are_the_yaml_defaults():
     # The YAML files are the documented defaults; the dataclass must not silently disagree.
     yaml_cfg = compose_cfg()
     assert dataclasses.asdict(yaml_cfg.trainer) == dataclasses.asdict(Config().trainer)
+
+
+def test_null_removes_a_parameter_from_the_space():
+    cfg = compose_cfg("+experiment=depth_vs_width", "~search.space.lr")
+    assert "lr" not in cfg.search.space
+    cfg = compose_cfg("+experiment=depth_vs_width", "search.space.lr=null")
+    assert set(cfg.search.space) == {"depth", "width", "dropout"}
+    validate(cfg)
