@@ -119,8 +119,8 @@ def download_mnist(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         MNIST(str(root), train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variously
-        raise UserError(f"the download failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no network?'})") from None
+        detail = " ".join(str(e).split())[:200] or "no network?"
+        raise UserError(f"the download failed ({type(e).__name__}: {detail})") from None
     finally:
         socket.setdefaulttimeout(old)
 
