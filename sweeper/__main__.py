@@ -6,7 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sweeper.config import to_config, validate
+from sweeper.config import check_overrides, to_config, validate
 from sweeper.errors import UserError
 
 
@@ -29,4 +29,9 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"sweeper: error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

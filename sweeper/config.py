@@ -88,6 +88,10 @@ class SearchConfig:
     # final: val_acc at the last epoch; best: best val_acc over epochs.
     objective: str = "final"
     max_consecutive_failures: int = 3
+    # Optuna heartbeat of a running trial; a trial silent for the grace period is taken for dead
+    # (another machine's worker). Dead processes on this host are detected at once.
+    heartbeat_interval_s: int = 20
+    heartbeat_grace_s: int = 60
     # name -> spec; `name: null` removes a parameter that the defaults put in the space.
     space: Dict[str, ParamSpec] = field(default_factory=dict)
     # Trials to run first when the study is new (e.g. a known baseline), as {param: value}.
@@ -111,6 +115,30 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CONFIG_GROUPS = ("data", "model", "trainer", "search", "experiment")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Hydra reports a config-group choice that is not a name (`data=0`, `model=[1]`) with a full
+    traceback; catch that case before Hydra sees it. Everything else Hydra reports in one
+    message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [o for o in overrides if "=" in o and not o.startswith("-")])
+    except Exception:
+        return
+    for o in parsed:
+        if o.key_or_group not in CONFIG_GROUPS or o.is_delete():
+            continue
+        value = o.value()
+        names = value if isinstance(value, list) else [value]
+        if not names or not all(isinstance(v, str) for v in names):
+            raise UserError(f"{o.input_line}: {o.key_or_group} takes the name of a file in "
+                            f"conf/{o.key_or_group}/ (e.g. {o.key_or_group}=NAME)")
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -166,6 +194,9 @@ def validate(cfg: Config) -> None:
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)
     _check(s.max_consecutive_failures >= 1, "search.max_consecutive_failures must be >= 1")
+    _check(s.heartbeat_interval_s >= 1, "search.heartbeat_interval_s must be >= 1")
+    _check(s.heartbeat_grace_s > s.heartbeat_interval_s,
+           "search.heartbeat_grace_s must be longer than search.heartbeat_interval_s")
     _check(bool(s.space), "search.space is empty: pick an experiment (+experiment=depth_vs_width) "
            "or define search.space in YAML (see README, 'Writing a search space')")
     for name, spec in s.space.items():

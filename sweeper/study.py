@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 import traceback
@@ -17,13 +18,16 @@ import optuna
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
-from sweeper import console, data, search_space, training
+from sweeper import console, data, liveness, search_space, training
 from sweeper.config import Config
 from sweeper.errors import UserError
 from sweeper.tracking import DATA_TAG, Tracker, prepare_sqlite
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RETRY_ATTR = "sweeper.retry_of"  # on a trial that re-runs an interrupted trial's configuration
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# We drive the heartbeat ourselves from the ask/tell loop (liveness.Heartbeat).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
@@ -72,16 +76,19 @@ def open_study(cfg: Config, source: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepare_sqlite(s.storage, "search.storage")
     try:
-        storage: Any = s.storage
-        if s.storage.startswith("sqlite"):
-            # Wait for a busy database instead of failing at once.
-            storage = optuna.storages.RDBStorage(
-                s.storage, engine_kwargs={"connect_args": {"timeout": 60}})
+        # Wait for a busy SQLite file instead of failing at once.
+        engine = {"connect_args": {"timeout": 60}} if s.storage.startswith("sqlite") else None
+        storage = optuna.storages.RDBStorage(s.storage, engine_kwargs=engine,
+                                             heartbeat_interval=s.heartbeat_interval_s,
+                                             grace_period=s.heartbeat_grace_s)
         study = optuna.create_study(study_name=s.study_name, storage=storage,
                                     direction="maximize", load_if_exists=True)
     except Exception as e:  # bad URL, missing driver, unreachable server, foreign database
         raise UserError(f"search.storage={s.storage}: cannot open the Optuna storage "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise UserError(f"study {s.study_name!r} in {s.storage} minimizes its objective; sweeper "
+                        "studies maximize validation accuracy: use another search.study_name")
     want = identity(cfg, source)
     have = study.user_attrs.get(IDENTITY_ATTR)
     if have is None:
@@ -100,12 +107,19 @@ def open_study(cfg: Config, source: str) -> optuna.Study:
     return study
 
 
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     t0 = time.perf_counter()
+    # Both stores must be writable before anything is loaded or written.
+    prepare_sqlite(cfg.search.storage, "search.storage")
+    prepare_sqlite(cfg.tracking.uri, "tracking.uri")
     device = training.accelerator(cfg.trainer.accelerator)
     if splits is None:
         splits = data.make_splits(data.load(cfg.data), cfg.data.val_size, cfg.seed, device)
@@ -134,8 +148,12 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")
     status, failures = "FINISHED", 0
+    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         while (done := n_finished(study)) < target:
+            for number in recover_dead_trials(study, tracker):
+                print(f"trial {number} was left running by a process that died: marked failed, "
+                      "its configuration queued again", flush=True)
             trial = run_trial(study, cfg, splits, tracker, parent)
             console.trial_line(trial, n_finished(study), target)
             failures = failures + 1 if trial.state == TrialState.FAIL else 0
@@ -147,10 +165,12 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     except KeyboardInterrupt:
         status = "KILLED"
         console.clear_live()
-        print(f"\ninterrupted: {n_finished(study)}/{target} trials finished and saved; "
-              "run the same command again to resume", file=sys.stderr)
+        print(f"\ninterrupted: {n_finished(study)}/{target} trials finished and saved; the "
+              "running trial is marked failed and will run again first; run the same command "
+              f"to resume.\n{console.best_table(study)}", file=sys.stderr, flush=True)
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         table = console.best_table(study)
         tracker.close_parent(parent, status, f"# {s.study_name}\n\n```\n{table}\n```\n")
     print(f"\nbest trials of {s.study_name!r} ({n_finished(study)} finished, "
@@ -162,38 +182,46 @@ def run_trial(study: optuna.Study, cfg: Config, splits: data.Splits, tracker: Tr
               parent: str) -> optuna.trial.FrozenTrial:
     t0 = time.perf_counter()
     trial = study.ask()
-    params = search_space.suggest(trial, cfg.search.space, cfg.model.depth)
-    spec = training.resolve(cfg, params, trial.number)
-    module = training.build(spec, splits)
-    n_params = training.n_params(module)
-    run_id = tracker.start_trial(parent, trial.number,
-                                 spec.mlflow_params() | {"n_params": n_params},
-                                 {DATA_TAG: splits.source})
-    trial.set_user_attr("n_params", n_params)
-    trial.set_user_attr("mlflow_run_id", run_id)
-    pruned = False
+    trial.set_user_attr(liveness.WORKER_ATTR, liveness.this_worker())
+    run_id: str | None = None
+    module = None
+    pruned, error = False, None
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
-        nonlocal pruned
+        nonlocal pruned, error
+        assert run_id is not None
         tracker.log_metrics(run_id, metrics, step=epoch)
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if bad:  # NaN/inf: nothing more to learn from this trial
+            error = f"diverged: {bad[0]}={metrics[bad[0]]} at epoch {epoch}"
+            return True
         trial.report(metrics[VAL_ACC], epoch)
         console.epoch(trial.number, epoch, spec.max_epochs, metrics)
         pruned = trial.should_prune()
         return pruned
 
-    error = None
     try:
-        training.fit(module, spec, splits, on_epoch)
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
-        study.tell(trial, state=TrialState.FAIL)
-        tracker.end_trial(run_id, "INTERRUPTED", {}, error="interrupted by the user")
-        raise KeyboardInterrupt from None
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        params = search_space.suggest(trial, cfg.search.space, cfg.model.depth)
+        spec = training.resolve(cfg, params, trial.number)
+        module = training.build(spec, splits)
+        n_params = training.n_params(module)
+        run_id = tracker.start_trial(parent, trial.number,
+                                     spec.mlflow_params() | {"n_params": n_params},
+                                     {DATA_TAG: splits.source})
+        trial.set_user_attr("n_params", n_params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        # trial._trial_id: Optuna's heartbeat API is keyed by the storage id, not the number.
+        with liveness.Heartbeat(study._storage, trial._trial_id, cfg.search.heartbeat_interval_s):
+            training.fit(module, spec, splits, on_epoch)
+    except Exception as e:  # this trial fails (bad config, out of memory, ...); the study goes on
+        error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         if cfg.debug:
             traceback.print_exc()
+    except BaseException:  # Ctrl-C (Lightning re-raises it as SystemExit), SIGTERM
+        interrupted(study, trial, tracker, run_id)
+        raise KeyboardInterrupt from None
 
-    history = module.history
+    history = module.history if module is not None else []
     summary: dict[str, float] = {EPOCHS_RUN: len(history)}
     if history:
         best = max(range(len(history)), key=lambda i: history[i][VAL_ACC])
@@ -216,5 +244,47 @@ def run_trial(study: optuna.Study, cfg: Config, splits: data.Splits, tracker: Tr
         value = history[-1][VAL_ACC] if cfg.search.objective == "final" else summary[BEST_VAL_ACC]
         study.tell(trial, value)
         state = "COMPLETE"
-    tracker.end_trial(run_id, state, summary, error=error)
+    if run_id is not None:
+        tracker.end_trial(run_id, state, summary, error=error)
     return study.get_trials(deepcopy=False)[trial.number]
+
+
+def interrupted(study: optuna.Study, trial: optuna.Trial, tracker: Tracker,
+                run_id: str | None) -> None:
+    """Ctrl-C/SIGTERM mid-trial: the trial is failed (not complete), its configuration is queued
+    to run first on resume, and its MLflow run ends KILLED."""
+    # Lightning ignores SIGINT while it shuts down; give Ctrl-C back its usual meaning.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    trial.set_user_attr("error", "interrupted")
+    study.tell(trial, state=TrialState.FAIL)
+    if trial.params:
+        study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
+    if run_id is not None:
+        tracker.end_trial(run_id, "FAIL", {}, error="interrupted", status="KILLED")
+
+
+def recover_dead_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Trials left RUNNING by a process that died (kill -9, power loss, lost machine): mark them
+    failed, their MLflow runs KILLED, and queue their configurations again."""
+    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not running:
+        return []
+    optuna.storages.fail_stale_trials(study)  # heartbeat older than the grace period: any host
+    dead = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if t.number not in running:
+            continue
+        if t.state == TrialState.RUNNING:  # owner on this host and gone: no need to wait
+            if not liveness.is_dead_here(t.user_attrs.get(liveness.WORKER_ATTR, "")):
+                continue
+            try:
+                study.tell(t.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError):  # another worker got there first
+                continue
+        dead.append(t.number)
+        study.set_user_attr(f"sweeper.recovered.{t.number}", "worker died while running it")
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number})
+        if run_id := t.user_attrs.get("mlflow_run_id"):
+            tracker.end_trial(run_id, "FAIL", {}, error="worker died", status="KILLED")
+    return dead

@@ -104,11 +104,12 @@ class Tracker:
         self._log(run_id, metrics=metrics, step=step)
 
     def end_trial(self, run_id: str, state: str, metrics: dict[str, float],
-                  error: str | None = None) -> None:
+                  error: str | None = None, status: str | None = None) -> None:
+        """state: the Optuna state (COMPLETE/PRUNED/FAIL); status: the MLflow run status, by
+        default FINISHED for COMPLETE and PRUNED, FAILED for FAIL (KILLED: interrupted)."""
         tags = {STATE_TAG: state} | ({ERROR_TAG: error[:5000]} if error else {})
         self._log(run_id, metrics=metrics, tags=tags)
-        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state,
-                                                                                     "KILLED")
+        status = status or ("FAILED" if state == "FAIL" else "FINISHED")
         self.client.set_terminated(run_id, status=status)
 
     def close_parent(self, run_id: str, status: str, summary_md: str | None = None) -> None:
