@@ -203,3 +203,9 @@ def test_same_config_and_seed_give_the_same_curves(tiny_cfg, tmp_path):
     for key, values in curves[0].items():
         assert len(values) == 2
         assert max(abs(a - b) for a, b in zip(values, curves[1][key], strict=True)) <= 1e-6, key
+
+
+def test_existing_study_that_minimizes_is_refused(tiny_cfg):
+    optuna.create_study(study_name="tiny", storage=tiny_cfg.search.storage, direction="minimize")
+    with pytest.raises(UserError, match="minimizes its objective"):
+        run_study(tiny_cfg)
