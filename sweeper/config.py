@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sweeper.errors import UserError
 
-DATASETS = ("mnist", "mnist_sample", "fashion_mnist")
+DATASETS = ("mnist", "mnist_sample", "fashion_mnist", "kaggle")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("final", "best")
@@ -49,6 +49,10 @@ class DataConfig:
     # mnist only: if the IDX files are missing and the download fails, train on the embedded
     # 5,000-image sample (with a loud warning) instead of stopping.
     fallback_to_sample: bool = True
+    # kaggle only: Kaggle Digit Recognizer files (train.csv trains and validates the sweep;
+    # test.csv is only read by export, for submission.csv).
+    train_csv: Optional[str] = None
+    test_csv: Optional[str] = None
 
 
 @dataclass
@@ -172,6 +176,8 @@ def validate(cfg: Config) -> None:
     """Reject impossible values with one line that names the key and the fix."""
     _one_of("data", cfg.data.name, DATASETS)
     _check(cfg.data.val_size >= 1, f"data.val_size={cfg.data.val_size} must be >= 1")
+    _check(cfg.data.name != "kaggle" or cfg.data.train_csv is not None,
+           "data=kaggle needs data.train_csv=PATH (Kaggle's train.csv)")
     _one_of("model.family", cfg.model.family, MODEL_FAMILIES)
     _check(cfg.model.depth >= 1, f"model.depth={cfg.model.depth} must be >= 1")
     _check(cfg.model.width >= 1, f"model.width={cfg.model.width} must be >= 1")

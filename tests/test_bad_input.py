@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from sweeper import idx, search_space
+from sweeper import idx, kaggle, search_space
 from sweeper.config import check_overrides, to_config, validate
 from sweeper.errors import UserError
 from tests.test_study import sweep
@@ -127,3 +127,26 @@ def test_bad_stores_and_spaces_from_the_command_line(tmp_path, overrides, messag
     assert message in result.stderr.strip().splitlines()[-1], result.stderr
     # stores are checked before anything is written: no study was created
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+CELL = st.one_of(st.integers(-3, 300).map(str), st.sampled_from(["", "1.5", "x", " 7", "1e2",
+                                                                 "nan", "255", "0"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(CELL, min_size=783, max_size=787), min_size=0, max_size=3),
+       st.sampled_from(["train", "test"]), st.integers(0, 3))
+def test_random_kaggle_rows(tmp_path_factory, rows, kind, header_damage):
+    columns = (["label"] if kind == "train" else []) + kaggle.PIXELS
+    if header_damage == 1:
+        columns = columns[:-1]
+    elif header_damage == 2:
+        columns = [*columns, "extra"]
+    path = tmp_path_factory.mktemp("csv") / f"{kind}.csv"
+    path.write_text("\n".join([",".join(columns), *(",".join(r) for r in rows)]) + "\n")
+    try:
+        out = kaggle.read_train(path)[0] if kind == "train" else kaggle.read_test(path)
+    except UserError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    assert out.dtype.name == "uint8" and out.shape[1:] == (28, 28) and len(out) == len(rows)

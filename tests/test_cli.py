@@ -19,6 +19,9 @@ from tests.test_study import REPO, sweep
     (["+experiment=smoke", "trainer.max_epochs=two"], "trainer.max_epochs"),
     (["+experiment=smoke", "data=mnist", "data.root=/nonexistent/mnist"],
      "no MNIST IDX files in /nonexistent/mnist"),
+    (["+experiment=smoke", "data=kaggle"], "data=kaggle needs data.train_csv=PATH"),
+    (["+experiment=smoke", "data=kaggle", "data.train_csv=/nonexistent/train.csv"],
+     "/nonexistent/train.csv: file not found"),
 ])
 def test_bad_values_fail_with_one_line(tmp_path, overrides, message):
     result = sweep(tmp_path, *overrides)

@@ -1,0 +1,123 @@
+"""Kaggle Digit Recognizer CSVs: train.csv is `label,pixel0..pixel783` (42,000 rows), test.csv
+is `pixel0..pixel783` (28,000 rows). Parsed with pandas' C reader, then checked strictly with
+numpy; any problem is one line naming the file, the line and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sweeper.errors import UserError
+
+N_PIXELS = 784
+PIXELS = [f"pixel{i}" for i in range(N_PIXELS)]
+
+
+def read_train(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 28, 28] uint8, labels [N] int64)"""
+    table = _read(path, ["label", *PIXELS], "train.csv")
+    labels = table[:, 0]
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise UserError(f"{path}: line {bad[0] + 2}: label {labels[bad[0]]} is not a digit 0-9")
+    return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), labels
+
+
+def read_test(path: Path) -> np.ndarray:
+    """images [N, 28, 28] uint8, in file order (Kaggle's ImageId = row + 1)"""
+    return _read(path, PIXELS, "test.csv").astype(np.uint8).reshape(-1, 28, 28)
+
+
+def _read(path: Path, columns: list[str], kind: str) -> np.ndarray:
+    import pandas as pd
+
+    if not path.is_file():
+        raise UserError(f"{path}: file not found ({kind} from Kaggle's Digit Recognizer)")
+    with path.open("rb") as f:
+        header = f.readline().decode("utf-8", "replace").strip().lstrip("\ufeff")
+    if not header:
+        raise UserError(f"{path}: empty file (expected a {kind} header: "
+                        f"{','.join(columns[:3])},...)")
+    _check_header(path, header.split(","), columns, kind)
+    try:
+        # float64 so a missing value is NaN, found below with its line, instead of an error here
+        table = pd.read_csv(path, dtype=np.float64, engine="c").to_numpy()
+    except pd.errors.ParserError as e:
+        raise UserError(f"{path}: {_pandas_detail(e)} (each row needs {len(columns)} values)") \
+            from None
+    except ValueError:  # a value that is not a number
+        raise UserError(_first_non_number(path, len(columns))) from None
+    if table.shape[0] == 0:
+        raise UserError(f"{path}: no data rows after the header")
+    missing = np.isnan(table)
+    if missing.any():
+        row, col = np.argwhere(missing)[0]
+        width = _row_width(path, row + 2)
+        if width == len(columns):
+            raise UserError(f"{path}: line {row + 2}, column {columns[col]}: empty value")
+        raise UserError(f"{path}: line {row + 2}: {width} values, expected {len(columns)}")
+    not_int = table != np.round(table)
+    if not_int.any():
+        row, col = np.argwhere(not_int)[0]
+        raise UserError(f"{path}: line {row + 2}, column {columns[col]}: {table[row, col]} is "
+                        "not an integer")
+    out = (table < 0) | (table > 255)
+    if out.any():
+        row, col = np.argwhere(out)[0]
+        raise UserError(f"{path}: line {row + 2}, column {columns[col]}: {table[row, col]:g} is "
+                        "outside 0-255")
+    return table.astype(np.int64)
+
+
+def _check_header(path: Path, got: list[str], want: list[str], kind: str) -> None:
+    if got == want:
+        return
+    got_set, want_set = set(got), set(want)
+    if kind == "test.csv" and "label" in got_set:
+        raise UserError(f"{path}: has a 'label' column: this looks like train.csv, not test.csv")
+    if kind == "train.csv" and "label" not in got_set and got_set <= want_set | {"label"}:
+        raise UserError(f"{path}: no 'label' column: this looks like test.csv, not train.csv")
+    missing = [c for c in want if c not in got_set]
+    extra = [c for c in got if c not in want_set]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''} in the header")
+    if extra:
+        raise UserError(f"{path}: unexpected column(s) {', '.join(extra[:5])} in the header "
+                        f"(expected {want[0]},{want[1]},...,{want[-1]})")
+    if len(got) != len(want):
+        dupes = sorted({c for c in got if got.count(c) > 1})
+        raise UserError(f"{path}: duplicated column(s) {', '.join(dupes[:5])} in the header")
+    first = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+    raise UserError(f"{path}: columns out of order: column {first + 1} is {got[first]!r}, "
+                    f"expected {want[first]!r}")
+
+
+def _pandas_detail(e: Exception) -> str:
+    msg = " ".join(str(e).split())
+    # "Error tokenizing data. C error: Expected 785 fields in line 3, saw 786"
+    return msg.split("C error: ")[-1]
+
+
+def _row_width(path: Path, line_no: int) -> int:
+    with path.open() as f:
+        for i, line in enumerate(f, 1):
+            if i == line_no:
+                return len(line.rstrip("\r\n").split(","))
+    return 0
+
+
+def _first_non_number(path: Path, width: int) -> str:
+    """Slow path, only on error: find the first value that is not a number."""
+    with path.open() as f:
+        header = next(f).strip().split(",")
+        for line_no, line in enumerate(f, 2):
+            for col, value in enumerate(line.rstrip("\r\n").split(",")):
+                try:
+                    float(value)
+                except ValueError:
+                    name = header[col] if col < len(header) else f"#{col + 1}"
+                    return (f"{path}: line {line_no}, column {name}: {value!r} is not an "
+                            "integer")
+    return f"{path}: a value is not a number"
