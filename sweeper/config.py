@@ -92,6 +92,9 @@ class SearchConfig:
     # final: val_acc at the last epoch; best: best val_acc over epochs.
     objective: str = "final"
     max_consecutive_failures: int = 3
+    # Weights of the best k complete trials are kept (for export); null dir: beside the storage.
+    keep_top_k: int = 3
+    checkpoint_dir: Optional[str] = None
     # Optuna heartbeat of a running trial; a trial silent for the grace period is taken for dead
     # (another machine's worker). Dead processes on this host are detected at once.
     heartbeat_interval_s: int = 20
@@ -200,6 +203,7 @@ def validate(cfg: Config) -> None:
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)
     _check(s.max_consecutive_failures >= 1, "search.max_consecutive_failures must be >= 1")
+    _check(s.keep_top_k >= 0, f"search.keep_top_k={s.keep_top_k} must be >= 0")
     _check(s.heartbeat_interval_s >= 1, "search.heartbeat_interval_s must be >= 1")
     _check(s.heartbeat_grace_s > s.heartbeat_interval_s,
            "search.heartbeat_grace_s must be longer than search.heartbeat_interval_s")

@@ -5,6 +5,7 @@ finished (COMPLETE or PRUNED) trials; failed trials do not count and are retried
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -18,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
-from sweeper import console, data, liveness, search_space, training
+from sweeper import checkpoints, console, data, liveness, search_space, training
 from sweeper.config import Config
 from sweeper.errors import UserError
 from sweeper.tracking import DATA_TAG, Tracker, prepare_sqlite
@@ -39,6 +40,7 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 # Stored on the study when it is created; a resume with other values would mix incomparable
 # trials in one study, so it is refused.
 IDENTITY_ATTR = "sweeper.identity"
+CONFIG_ATTR = "sweeper.config"
 
 
 def identity(cfg: Config, source: str) -> dict[str, Any]:
@@ -91,6 +93,8 @@ def open_study(cfg: Config, source: str) -> optuna.Study:
                         "studies maximize validation accuracy: use another search.study_name")
     want = identity(cfg, source)
     have = study.user_attrs.get(IDENTITY_ATTR)
+    # The whole config of the latest run: export --refit retrains from it.
+    study.set_user_attr(CONFIG_ATTR, dataclasses.asdict(cfg))
     if have is None:
         study.set_user_attr(IDENTITY_ATTR, want)
         if not study.trials:
@@ -242,7 +246,12 @@ def run_trial(study: optuna.Study, cfg: Config, splits: data.Splits, tracker: Tr
         state = "PRUNED"
     else:
         value = history[-1][VAL_ACC] if cfg.search.objective == "final" else summary[BEST_VAL_ACC]
+        # Weights first, so a kept trial always has its file; then drop those out of the top k.
+        assert module is not None
+        path = checkpoints.save(cfg, trial.number, module, spec.arch, splits, history[-1])
+        trial.set_user_attr(checkpoints.CHECKPOINT_ATTR, str(path))
         study.tell(trial, value)
+        checkpoints.keep_top_k(study, cfg.search.keep_top_k)
         state = "COMPLETE"
     if run_id is not None:
         tracker.end_trial(run_id, state, summary, error=error)

@@ -1,0 +1,63 @@
+"""Trained weights of the study's best trials: `<dir>/<study>/trial-NNN.pt`, the top
+`search.keep_top_k` complete trials only (the rest are deleted as better ones arrive), so that
+export can ship a chosen model without retraining and disk use stays bounded."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from lightning_modules.classifier import Classifier
+from lightning_modules.models import Architecture, build_model
+from sweeper.config import Config
+from sweeper.data import Splits
+from sweeper.errors import UserError
+from sweeper.tracking import sqlite_path
+
+CHECKPOINT_ATTR = "sweeper.checkpoint"
+
+
+def folder(cfg: Config) -> Path:
+    """Beside the Optuna SQLite file (mlruns/checkpoints/<study>), else ./mlruns/checkpoints."""
+    base = cfg.search.checkpoint_dir
+    if base is None:
+        db = sqlite_path(cfg.search.storage)
+        base = str(db.parent / "checkpoints") if db is not None else "mlruns/checkpoints"
+    return Path(base) / cfg.search.study_name
+
+
+def save(cfg: Config, number: int, module: Classifier, arch: Architecture, splits: Splits,
+         metrics: dict[str, float]) -> Path:
+    path = folder(cfg) / f"trial-{number:03d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {k: v.cpu() for k, v in module.net.state_dict().items()},
+                "arch": asdict(arch), "in_shape": list(splits.in_shape),
+                "n_classes": splits.n_classes, "mean": splits.mean, "std": splits.std,
+                "data_source": splits.source, "trial": number, "metrics": metrics}, path)
+    return path
+
+
+def keep_top_k(study: optuna.Study, k: int) -> None:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if CHECKPOINT_ATTR in t.user_attrs and t.value is not None]
+    complete.sort(key=lambda t: t.value or 0.0, reverse=True)
+    for t in complete[k:]:
+        Path(t.user_attrs[CHECKPOINT_ATTR]).unlink(missing_ok=True)
+
+
+def load(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(the trained network in eval mode, the checkpoint's metadata)"""
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found (only the top search.keep_top_k trials "
+                        "keep their weights; export --refit retrains any trial)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    arch = Architecture(ckpt["arch"]["family"], tuple(ckpt["arch"]["hidden"]),
+                        ckpt["arch"]["dropout"])
+    net = build_model(arch, ckpt["in_shape"], ckpt["n_classes"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval(), ckpt

@@ -1,0 +1,284 @@
+"""`python -m sweeper.export --study NAME --out DIR [--trial N] [--refit] [--kaggle-test CSV]`
+
+Ships a study's best trial (or trial N) as files that load without this project:
+  model.pt    TorchScript   torch.jit.load(path)(images) -> logits
+  model.onnx  ONNX          onnxruntime.InferenceSession(path).run(None, {"image": images})
+  model.json  what it is: config, metrics, trial, data source, and the input contract
+Both models take float32 images [N, 1, 28, 28] scaled to [0, 1] (white digit on black, as in
+MNIST) and apply the training normalization themselves. The model is also logged to the trial's
+MLflow run and registered in the MLflow model registry under the study's name. With
+--kaggle-test it writes Kaggle's submission.csv; it always writes predictions.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sweeper.errors import UserError
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
+
+
+class Exported(nn.Module):
+    """Input contract in the graph: [N, 1, 28, 28] in [0, 1] -> normalize -> net -> logits."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, net: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net((image - self.mean) / self.std)
+
+
+def choose_trial(study: Any, number: int | None) -> Any:
+    from optuna.trial import TrialState
+
+    if number is None:
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            raise UserError(f"study {study.study_name!r} has no complete trial to export")
+        return max(complete, key=lambda t: t.value)
+    if not 0 <= number < len(study.trials):
+        raise UserError(f"--trial {number}: study {study.study_name!r} has trials 0.."
+                        f"{len(study.trials) - 1}")
+    trial = study.trials[number]
+    if trial.state != TrialState.COMPLETE:
+        raise UserError(f"--trial {number} is {trial.state.name}, not COMPLETE")
+    return trial
+
+
+def write_models(model: Exported, out: Path) -> None:
+    example = torch.rand(4, 1, 28, 28)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; exporter chatter
+        torch.jit.trace(model, example).save(str(out / "model.pt"))
+        torch.onnx.export(model, (example,), str(out / "model.onnx"), dynamo=True,
+                              input_names=["image"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                              external_data=False)  # one self-contained file
+
+
+def check_models(model: Exported, out: Path, images: torch.Tensor) -> float:
+    """Largest |difference| of the two exported files' logits from the in-project model's."""
+    import onnxruntime
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+        want = model(images).numpy()
+        script = torch.jit.load(str(out / "model.pt"))(images).numpy()
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    onnx = session.run(None, {"image": images.numpy()})[0]
+    diff = float(max(np.abs(script - want).max(), np.abs(onnx - want).max()))
+    if diff > 1e-4:
+        raise UserError(f"exported models disagree with the trained one by {diff:.2e}")
+    return diff
+
+
+def predict(model: nn.Module, images: np.ndarray,
+            batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, 28, 28] -> (labels [N], probabilities [N, 10])"""
+    probs = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i:i + batch]).float().div_(255).unsqueeze(1)
+            probs.append(torch.softmax(model(x), 1).numpy())
+    p = np.concatenate(probs) if probs else np.zeros((0, 10), np.float32)
+    return p.argmax(1), p
+
+
+def write_submission(path: Path, labels: np.ndarray, n_rows: int) -> None:
+    if len(labels) != n_rows:
+        raise UserError(f"{len(labels)} predictions for {n_rows} test rows; not writing {path}")
+    table = np.column_stack([np.arange(1, n_rows + 1), labels])
+    np.savetxt(path, table, fmt="%d", delimiter=",", header="ImageId,Label", comments="")
+
+
+def predictions_png(path: Path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                    truth: np.ndarray | None, title: str) -> None:
+    """A grid of sample images with `index:prediction`; with labels, a second grid of the most
+    confident mistakes (`index:prediction (truth)`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sample = list(range(min(40, len(images))))
+    grids = [(f"{title}: first {len(sample)} images, index:prediction", sample, False)]
+    if truth is not None:
+        wrong = np.flatnonzero(labels != truth)
+        wrong = wrong[np.argsort(-probs[wrong, labels[wrong]])][:40]
+        grids.append((f"most confident mistakes ({len(np.flatnonzero(labels != truth))} of "
+                      f"{len(truth)} wrong), index:prediction (truth)", list(wrong), True))
+    fig = plt.figure(figsize=(12, 5.6 * len(grids)))
+    for sub, (heading, indices, mistakes) in zip(fig.subfigures(len(grids), 1, squeeze=False)[:, 0],
+                                                  grids, strict=True):
+        sub.suptitle(heading, x=0.02, ha="left", fontsize=11)
+        axes = sub.subplots(4, 10, gridspec_kw={"hspace": 0.45})
+        for j in range(40):
+            ax = axes[j // 10, j % 10]
+            ax.axis("off")
+            if j < len(indices):
+                i = indices[j]
+                ax.imshow(images[i], cmap="gray")
+                text = f"{i}:{labels[i]}" + (f" ({truth[i]})" if mistakes and truth is not None
+                                             else "")
+                ax.text(0.5, 1.02, text, transform=ax.transAxes, ha="center", fontsize=8,
+                        color="red" if mistakes else "black")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def refit(config: dict[str, Any], params: dict[str, Any], number: int) -> tuple[nn.Module, Any]:
+    """Retrain the trial's configuration on train + validation (same seed and epochs)."""
+    from omegaconf import OmegaConf
+
+    from sweeper import data, training
+    from sweeper.config import Config
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), config))
+    assert isinstance(cfg, Config)
+    device = training.accelerator(cfg.trainer.accelerator)
+    splits = data.make_splits(data.load(cfg.data), cfg.data.val_size, cfg.seed, device)
+    # All labelled images train; the validation metrics printed are then training metrics.
+    splits.x_train = torch.cat([splits.x_train, splits.x_val])
+    splits.y_train = torch.cat([splits.y_train, splits.y_val])
+    spec = training.resolve(cfg, params, number)
+    module = training.build(spec, splits)
+    print(f"refit: training trial {number}'s configuration on {len(splits.y_train):,} images "
+          f"for {spec.max_epochs} epochs ...", flush=True)
+    training.fit(module, spec, splits, lambda epoch, m: False)
+    return module.net.cpu().eval(), splits
+
+
+def log_to_mlflow(tracking_uri: str, run_id: str | None, model: Exported, out: Path,
+                  study: str) -> str:
+    import logging
+
+    import mlflow
+
+    for name in ("mlflow", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    mlflow.set_tracking_uri(tracking_uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="export"):
+            # MLflow 3 stores PyTorch models as torch.export graphs ('pt2'), traced from an example
+            info = mlflow.pytorch.log_model(model, name="model", registered_model_name=study,
+                                            input_example=np.zeros((1, 1, 28, 28), np.float32))
+            mlflow.log_artifacts(str(out), artifact_path="export")
+    return f"{study} version {info.registered_model_version}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sweeper.export", description=__doc__.split(
+        "\n\n")[0].split("`")[1])
+    ap.add_argument("--study", required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
+    ap.add_argument("--refit", action="store_true", help="retrain on train + validation first")
+    ap.add_argument("--kaggle-test", type=Path, help="Kaggle test.csv: write submission.csv")
+    ap.add_argument("--storage", default=DEFAULT_STORAGE)
+    ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING)
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"sweeper.export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    import optuna
+
+    from sweeper import checkpoints, data, kaggle
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=args.study, storage=args.storage)
+    except KeyError:
+        raise UserError(f"no study {args.study!r} in {args.storage}") from None
+    trial = choose_trial(study, args.trial)
+    config = study.user_attrs.get("sweeper.config")
+    if args.refit:
+        if config is None:
+            raise UserError("this study has no stored config to refit from")
+        net, splits = refit(config, trial.params, trial.number)
+        mean, std, source = splits.mean, splits.std, splits.source + " (refit: train+val)"
+    else:
+        net, ckpt = checkpoints.load(Path(trial.user_attrs.get(checkpoints.CHECKPOINT_ATTR,
+                                                               "<none>")))
+        mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
+    model = Exported(net, mean, std).eval()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_models(model, out)
+    diff = check_models(model, out, torch.rand(64, 1, 28, 28))
+    a = trial.user_attrs
+    meta = {
+        "study": args.study, "trial": trial.number, "refit": args.refit, "params": trial.params,
+        "metrics": {k: a.get(k) for k in ("train_acc", "val_acc", "gap", "best_val_acc",
+                                          "epochs_run", "n_params")},
+        "objective": trial.value, "data_source": source,
+        "config": config,
+        "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "scaling": "pixel / 255",
+                  "polarity": "white digit on black (MNIST)", "normalization_in_model": True,
+                  "mean": mean, "std": std},
+        "output": {"shape": [-1, 10], "meaning": "logits for digits 0-9; softmax for "
+                   "probabilities"},
+        "max_abs_difference_to_trained_model": diff,
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+    print(f"exported trial {trial.number} (val_acc {a.get('val_acc', float('nan')):.4f}) to "
+          f"{out}: model.pt, model.onnx, model.json (both files match the trained model to "
+          f"{diff:.1e})")
+
+    if args.kaggle_test:
+        t0 = time.perf_counter()
+        images = kaggle.read_test(args.kaggle_test)
+        labels, probs = predict(model, images)
+        write_submission(out / "submission.csv", labels, len(images))
+        print(f"submission.csv: {len(images):,} rows in {time.perf_counter() - t0:.1f}s "
+              f"(read, predict, write)")
+        predictions_png(out / "predictions.png", images, labels, probs, None, "Kaggle test")
+    else:
+        from sweeper.config import DataConfig
+
+        cfg_data = DataConfig(**(config or {}).get("data", {"name": "mnist_sample"}))
+        ds = data.load(cfg_data)
+        splits = data.make_splits(ds, cfg_data.val_size, (config or {}).get("seed", 0),
+                                  torch.device("cpu"))
+        # validation images back to uint8 pixels for the picture and the model's contract
+        val = ((splits.x_val[:, 0] * splits.std + splits.mean) * 255).round().clamp(0, 255)
+        images = val.to(torch.uint8).numpy()
+        labels, probs = predict(model, images)
+        truth = splits.y_val.numpy()
+        print(f"validation accuracy of the exported model: {(labels == truth).mean():.4f}")
+        predictions_png(out / "predictions.png", images, labels, probs, truth, "validation")
+    print(f"predictions.png written to {out}")
+
+    if not args.no_mlflow:
+        version = log_to_mlflow(args.tracking_uri, a.get("mlflow_run_id"), model, out,
+                                args.study)
+        print(f"MLflow: logged to the trial's run and registered as {version}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
