@@ -278,6 +278,10 @@ def run(args: argparse.Namespace) -> None:
         version = log_to_mlflow(args.tracking_uri, a.get("mlflow_run_id"), model, out,
                                 args.study)
         print(f"MLflow: logged to the trial's run and registered as {version}")
+    from sweeper.predict import LAST_EXPORT  # predict's default model: this export
+
+    LAST_EXPORT.parent.mkdir(parents=True, exist_ok=True)
+    LAST_EXPORT.write_text(str(out.resolve()))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def outcome_is_clean(overrides: list[str]) -> None:
         assert "\n" not in str(e).strip() or "override" in str(e).lower(), e
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
 def test_random_overrides(pairs):
     outcome_is_clean(["+experiment=smoke", *(f"{k}={v}" for k, v in pairs)])
@@ -62,7 +62,7 @@ SPEC = st.fixed_dictionaries({}, optional={
     "per_layer": st.booleans()})
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["depth", "width", "dropout", "lr", "batch_size",
                                         "momentum"]), SPEC, min_size=1, max_size=4),
        st.sampled_from(["tpe", "random", "grid"]))
@@ -133,7 +133,7 @@ CELL = st.one_of(st.integers(-3, 300).map(str), st.sampled_from(["", "1.5", "x",
                                                                  "nan", "255", "0"]))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.lists(CELL, min_size=783, max_size=787), min_size=0, max_size=3),
        st.sampled_from(["train", "test"]), st.integers(0, 3))
 def test_random_kaggle_rows(tmp_path_factory, rows, kind, header_damage):

@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
 
 
 def test_only_the_top_k_checkpoints_are_kept(exported):
-    tmp, study, cfg, _ = exported
+    _tmp, study, cfg, _ = exported
     files = sorted(checkpoints.folder(cfg).glob("*.pt"))
     assert [f.name for f in files] == [f"trial-{study.best_trial.number:03d}.pt"]
 
@@ -77,7 +77,7 @@ def test_files_load_without_the_project_and_agree_with_it(exported):
 
 
 def test_submission_is_in_kaggles_format(exported):
-    tmp, study, _, images = exported
+    tmp, _study, _, images = exported
     lines = (tmp / "out" / "submission.csv").read_text().splitlines()
     assert lines[0] == "ImageId,Label" and len(lines) == len(images) + 1
     rows = np.array([list(map(int, line.split(","))) for line in lines[1:]])
@@ -88,7 +88,7 @@ def test_submission_is_in_kaggles_format(exported):
 
 
 def test_model_is_registered_in_mlflow(exported):
-    tmp, study, cfg, _ = exported
+    _tmp, study, cfg, _ = exported
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     versions = client.search_model_versions("name='exp'")
     assert len(versions) == 1
