@@ -23,7 +23,7 @@ from sweeper.tracking import ERROR_TAG, STATE_TAG, TRIAL_TAG
 from tests.test_study import REPO, runs, sweep
 
 # ~0.1 s epochs on the embedded sample: each trial runs for a few seconds.
-SLOW_SMOKE = ["+experiment=smoke", "search.n_trials=3", "trainer.max_epochs=40",
+SLOW_SMOKE = ["+experiment=smoke", "search.n_trials=3", "trainer.max_epochs=25",
               "search.pruner=none"]
 
 
