@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -93,8 +94,6 @@ def open_study(cfg: Config, source: str) -> optuna.Study:
                         "studies maximize validation accuracy: use another search.study_name")
     want = identity(cfg, source)
     have = study.user_attrs.get(IDENTITY_ATTR)
-    # The whole config of the latest run: export --refit retrains from it.
-    study.set_user_attr(CONFIG_ATTR, dataclasses.asdict(cfg))
     if have is None:
         study.set_user_attr(IDENTITY_ATTR, want)
         if not study.trials:
@@ -106,6 +105,8 @@ def open_study(cfg: Config, source: str) -> optuna.Study:
             f"study {s.study_name!r} in {s.storage} was created with a different "
             f"{', '.join(diff)} ({json.dumps({k: have.get(k) for k in diff})[:300]}); resume it "
             "with its original settings or start a new one with search.study_name=NEW_NAME")
+    # The whole config of the latest run: export --refit retrains from it.
+    study.set_user_attr(CONFIG_ATTR, dataclasses.asdict(cfg))
     study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
     study.pruner = make_pruner(cfg)
     return study
@@ -152,9 +153,11 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")
     status, failures = "FINISHED", 0
-    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # signal handlers can only be set from the main thread
+        previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        while (done := n_finished(study)) < target:
+        while n_finished(study) < target:
             for number in recover_dead_trials(study, tracker):
                 print(f"trial {number} was left running by a process that died: marked failed, "
                       "its configuration queued again", flush=True)
@@ -174,7 +177,8 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
               f"to resume.\n{console.best_table(study)}", file=sys.stderr, flush=True)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         table = console.best_table(study)
         tracker.close_parent(parent, status, f"# {s.study_name}\n\n```\n{table}\n```\n")
     print(f"\nbest trials of {s.study_name!r} ({n_finished(study)} finished, "
@@ -263,7 +267,8 @@ def interrupted(study: optuna.Study, trial: optuna.Trial, tracker: Tracker,
     """Ctrl-C/SIGTERM mid-trial: the trial is failed (not complete), its configuration is queued
     to run first on resume, and its MLflow run ends KILLED."""
     # Lightning ignores SIGINT while it shuts down; give Ctrl-C back its usual meaning.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     trial.set_user_attr("error", "interrupted")
     study.tell(trial, state=TrialState.FAIL)
     if trial.params:
