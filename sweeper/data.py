@@ -24,6 +24,7 @@ from sweeper.errors import UserError
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 CACHE = Path(os.environ.get("SWEEPER_CACHE", "~/.cache/sweeper")).expanduser()
 DOWNLOAD_TIMEOUT_S = 15
+SAMPLE_VAL_SIZE = 1000  # as conf/data/mnist_sample.yaml: 4,000 train / 1,000 validation
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Dataset:
     images: np.ndarray  # [N, H, W] uint8
     labels: np.ndarray  # [N] int64
     source: str  # what was really loaded, recorded as the MLflow tag data.source
+    # Validation size this source imposes: the fallback sample cannot hold out MNIST's 10,000.
+    val_size: int | None = None
 
 
 @dataclass
@@ -104,6 +107,7 @@ def load_mnist(cfg: DataConfig) -> Dataset:
                                 "four IDX files there or set data.root=FOLDER") from None
             ds = load_sample()
             ds.source += " (fallback: full MNIST unavailable)"
+            ds.val_size = SAMPLE_VAL_SIZE
             warn(f"full MNIST is not in {root} and {e}.\n"
                  "Training on the EMBEDDED 5,000-IMAGE SAMPLE instead: accuracies will be lower "
                  "than on full MNIST.\nPoint data.root at a folder with the IDX files, or set "
@@ -126,7 +130,7 @@ def download_mnist(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         MNIST(str(root), train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variously
-        detail = " ".join(str(e).split())[:200] or "no network?"
+        detail = " ".join(str(e).split())[:300] or "no network?"
         raise UserError(f"the download failed ({type(e).__name__}: {detail})") from None
     finally:
         socket.setdefaulttimeout(old)
@@ -135,6 +139,12 @@ def download_mnist(root: Path) -> None:
 def warn(msg: str) -> None:
     bar = "!" * 78
     print(f"\n{bar}\nWARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def load_splits(cfg: DataConfig, seed: int, device: torch.device) -> Splits:
+    """The study's split of the configured source (or of its fallback)."""
+    ds = load(cfg)
+    return make_splits(ds, ds.val_size or cfg.val_size, seed, device)
 
 
 def make_splits(ds: Dataset, val_size: int, seed: int, device: torch.device) -> Splits:

@@ -154,7 +154,7 @@ def refit(config: dict[str, Any], params: dict[str, Any], number: int) -> tuple[
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), config))
     assert isinstance(cfg, Config)
     device = training.accelerator(cfg.trainer.accelerator)
-    splits = data.make_splits(data.load(cfg.data), cfg.data.val_size, cfg.seed, device)
+    splits = data.load_splits(cfg.data, cfg.seed, device)
     # All labelled images train; the validation metrics printed are then training metrics.
     splits.x_train = torch.cat([splits.x_train, splits.x_val])
     splits.y_train = torch.cat([splits.y_train, splits.y_val])
@@ -262,9 +262,7 @@ def run(args: argparse.Namespace) -> None:
         from sweeper.config import DataConfig
 
         cfg_data = DataConfig(**(config or {}).get("data", {"name": "mnist_sample"}))
-        ds = data.load(cfg_data)
-        splits = data.make_splits(ds, cfg_data.val_size, (config or {}).get("seed", 0),
-                                  torch.device("cpu"))
+        splits = data.load_splits(cfg_data, (config or {}).get("seed", 0), torch.device("cpu"))
         # validation images back to uint8 pixels for the picture and the model's contract
         val = ((splits.x_val[:, 0] * splits.std + splits.mean) * 255).round().clamp(0, 255)
         images = val.to(torch.uint8).numpy()

@@ -44,9 +44,9 @@ IDENTITY_ATTR = "sweeper.identity"
 CONFIG_ATTR = "sweeper.config"
 
 
-def identity(cfg: Config, source: str) -> dict[str, Any]:
+def identity(cfg: Config, splits: data.Splits) -> dict[str, Any]:
     return {"space": search_space.describe(cfg.search.space), "objective": cfg.search.objective,
-            "data": source, "val_size": cfg.data.val_size, "seed": cfg.seed,
+            "data": splits.source, "val_size": len(splits.y_val), "seed": cfg.seed,
             "family": cfg.model.family}
 
 
@@ -74,7 +74,7 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: Config, source: str) -> optuna.Study:
+def open_study(cfg: Config, splits: data.Splits) -> optuna.Study:
     s = cfg.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepare_sqlite(s.storage, "search.storage")
@@ -92,7 +92,7 @@ def open_study(cfg: Config, source: str) -> optuna.Study:
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise UserError(f"study {s.study_name!r} in {s.storage} minimizes its objective; sweeper "
                         "studies maximize validation accuracy: use another search.study_name")
-    want = identity(cfg, source)
+    want = identity(cfg, splits)
     have = study.user_attrs.get(IDENTITY_ATTR)
     if have is None:
         study.set_user_attr(IDENTITY_ATTR, want)
@@ -127,8 +127,8 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     prepare_sqlite(cfg.tracking.uri, "tracking.uri")
     device = training.accelerator(cfg.trainer.accelerator)
     if splits is None:
-        splits = data.make_splits(data.load(cfg.data), cfg.data.val_size, cfg.seed, device)
-    study = open_study(cfg, splits.source)
+        splits = data.load_splits(cfg.data, cfg.seed, device)
+    study = open_study(cfg, splits)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.search.study_name)
     s = cfg.search
     target = s.n_trials

@@ -51,3 +51,12 @@ def test_live_indicator_on_a_terminal(tmp_path):
                          capture_output=True, text=True, timeout=300).stdout
     assert "trial 0: epoch 1/2" in out and "trial 0: epoch 2/2" in out
     assert "[1/1] trial   0" in out
+
+
+def test_default_data_on_an_offline_machine_falls_back_and_runs(tmp_path):
+    # What `make run` does on a fresh offline machine: data=mnist, nothing cached, no network.
+    result = sweep(tmp_path, "+experiment=smoke", "data=mnist", "search.n_trials=1",
+                   SWEEPER_CACHE=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "EMBEDDED 5,000-IMAGE SAMPLE" in result.stderr
+    assert "(fallback: full MNIST unavailable): 4,000 train / 1,000 val" in result.stdout

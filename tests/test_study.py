@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"depth", "width", "dropout", "lr", "batch_size", "max_epochs", "n_params", "seed"}
 
 
-def sweep(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SWEEPER_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+def sweep(cwd: Path, *overrides: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SWEEPER_OFFLINE": "1", "PYTHONPATH": str(REPO), **extra_env}
     return subprocess.run([sys.executable, "-m", "sweeper", *overrides], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
