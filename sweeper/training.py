@@ -21,6 +21,7 @@ from lightning_modules.models import Architecture, build_model, count_params
 from sweeper.batches import IndexBatches, ShuffledGroups
 from sweeper.config import Config
 from sweeper.data import Splits
+from sweeper.errors import UserError
 
 EpochHook = Callable[[int, dict[str, float]], bool]
 
@@ -86,7 +87,6 @@ def resolve(cfg: Config, params: dict[str, Any], number: int) -> TrialSpec:
 
 def accelerator(name: str) -> torch.device:
     if name in ("gpu", "cuda") and not torch.cuda.is_available():
-        from sweeper.errors import UserError
         raise UserError(f"trainer.accelerator={name} but no CUDA GPU is visible; use auto or cpu")
     use_cuda = name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
