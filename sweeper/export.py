@@ -13,6 +13,7 @@ MLflow run and registered in the MLflow model registry under the study's name. W
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sweeper.config import Config
 from sweeper.errors import UserError
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -144,15 +146,25 @@ def predictions_png(path: Path, images: np.ndarray, labels: np.ndarray, probs: n
     plt.close(fig)
 
 
-def refit(config: dict[str, Any], params: dict[str, Any], number: int) -> tuple[nn.Module, Any]:
-    """Retrain the trial's configuration on train + validation (same seed and epochs)."""
+def stored_config(study: Any) -> Config:
+    """The config the study's latest sweep ran with (saved by the sweep on the study)."""
     from omegaconf import OmegaConf
 
-    from sweeper import data, training
-    from sweeper.config import Config
+    from sweeper.study import CONFIG_ATTR
 
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), config))
+    raw = study.user_attrs.get(CONFIG_ATTR)
+    if raw is None:
+        raise UserError(f"study {study.study_name!r} has no stored sweeper config (it was not "
+                        "created by `python -m sweeper`)")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
     assert isinstance(cfg, Config)
+    return cfg
+
+
+def refit(cfg: Config, params: dict[str, Any], number: int) -> tuple[nn.Module, Any]:
+    """Retrain the trial's configuration on train + validation (same seed and epochs)."""
+    from sweeper import data, training
+
     device = training.accelerator(cfg.trainer.accelerator)
     splits = data.load_splits(cfg.data, cfg.seed, device)
     # All labelled images train; the validation metrics printed are then training metrics.
@@ -216,11 +228,10 @@ def run(args: argparse.Namespace) -> None:
     except KeyError:
         raise UserError(f"no study {args.study!r} in {args.storage}") from None
     trial = choose_trial(study, args.trial)
-    config = study.user_attrs.get("sweeper.config")
+    cfg = stored_config(study)
+    splits = None
     if args.refit:
-        if config is None:
-            raise UserError("this study has no stored config to refit from")
-        net, splits = refit(config, trial.params, trial.number)
+        net, splits = refit(cfg, trial.params, trial.number)
         mean, std, source = splits.mean, splits.std, splits.source + " (refit: train+val)"
     else:
         net, ckpt = checkpoints.load(Path(trial.user_attrs.get(checkpoints.CHECKPOINT_ATTR,
@@ -237,7 +248,7 @@ def run(args: argparse.Namespace) -> None:
         "metrics": {k: a.get(k) for k in ("train_acc", "val_acc", "gap", "best_val_acc",
                                           "epochs_run", "n_params")},
         "objective": trial.value, "data_source": source,
-        "config": config,
+        "config": dataclasses.asdict(cfg),
         "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "scaling": "pixel / 255",
                   "polarity": "white digit on black (MNIST)", "normalization_in_model": True,
                   "mean": mean, "std": std},
@@ -259,16 +270,15 @@ def run(args: argparse.Namespace) -> None:
               f"(read, predict, write)")
         predictions_png(out / "predictions.png", images, labels, probs, None, "Kaggle test")
     else:
-        from sweeper.config import DataConfig
-
-        cfg_data = DataConfig(**(config or {}).get("data", {"name": "mnist_sample"}))
-        splits = data.load_splits(cfg_data, (config or {}).get("seed", 0), torch.device("cpu"))
+        if splits is None:  # refit already loaded them
+            splits = data.load_splits(cfg.data, cfg.seed, torch.device("cpu"))
         # validation images back to uint8 pixels for the picture and the model's contract
-        val = ((splits.x_val[:, 0] * splits.std + splits.mean) * 255).round().clamp(0, 255)
+        val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round().clamp(0, 255)
         images = val.to(torch.uint8).numpy()
         labels, probs = predict(model, images)
-        truth = splits.y_val.numpy()
-        print(f"validation accuracy of the exported model: {(labels == truth).mean():.4f}")
+        truth = splits.y_val.cpu().numpy()
+        seen = " (these images were trained on by --refit)" if args.refit else ""
+        print(f"validation accuracy of the exported model: {(labels == truth).mean():.4f}{seen}")
         predictions_png(out / "predictions.png", images, labels, probs, truth, "validation")
     print(f"predictions.png written to {out}")
 
