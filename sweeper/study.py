@@ -77,7 +77,6 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 def open_study(cfg: Config, splits: data.Splits) -> optuna.Study:
     s = cfg.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    prepare_sqlite(s.storage, "search.storage")
     try:
         # Wait for a busy SQLite file instead of failing at once.
         engine = {"connect_args": {"timeout": 60}} if s.storage.startswith("sqlite") else None

@@ -43,8 +43,9 @@ def prepare_sqlite(uri: str, what: str) -> None:
 
 
 class Tracker:
+    """MLflow client for one study. The caller checks the store first (prepare_sqlite)."""
+
     def __init__(self, uri: str, artifact_location: str | None, experiment: str):
-        prepare_sqlite(uri, "tracking.uri")
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
