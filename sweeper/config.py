@@ -21,6 +21,7 @@ MODEL_FAMILIES = ("mlp",)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+STORAGE_SCHEMES = ("sqlite", "postgresql")  # Optuna storages whose study lock we implement
 
 # Where a searched parameter lands: model architecture or training recipe.
 MODEL_PARAMS = ("depth", "width", "dropout")
@@ -199,6 +200,9 @@ def validate(cfg: Config) -> None:
     s = cfg.search
     _check(s.n_trials >= 1, f"search.n_trials={s.n_trials} must be >= 1")
     _check(bool(s.study_name.strip()), "search.study_name must not be empty")
+    _check(s.storage.split(":", 1)[0].split("+", 1)[0] in STORAGE_SCHEMES,
+           f"search.storage={s.storage}: use sqlite:///PATH (one machine) or "
+           "postgresql://USER:PASSWORD@HOST/DB (workers on many machines)")
     _one_of("search.sampler", s.sampler, SAMPLERS)
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)

@@ -56,22 +56,32 @@ def is_dead_here(worker: str) -> bool:
     return now is None or (started != "" and now != "" and now != started)
 
 
+def _enabled(study: optuna.Study) -> bool:
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
+
+
+def beat(study: optuna.Study, trial: optuna.Trial) -> None:
+    # trial._trial_id: Optuna's heartbeat API is keyed by the storage id, not the number.
+    if _enabled(study):
+        study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+
+
 class Heartbeat:
     """Records the trial's heartbeat every `interval` seconds until stopped."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: float):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float):
+        self.study, self.trial, self.interval = study, trial, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper-heartbeat", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with contextlib.suppress(Exception):  # a missed beat is harmless; the next retries
-                self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+                beat(self.study, self.trial)
 
     def __enter__(self) -> Heartbeat:
-        if getattr(self.storage, "get_heartbeat_interval", lambda: None)() is not None:
-            self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+        if _enabled(self.study):
+            beat(self.study, self.trial)
             self._thread.start()
         return self
 

@@ -23,10 +23,13 @@ from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_
 from sweeper import checkpoints, console, data, liveness, search_space, training
 from sweeper.config import Config
 from sweeper.errors import UserError
+from sweeper.study_lock import StudyLock
 from sweeper.tracking import DATA_TAG, Tracker, prepare_sqlite
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RETRY_ATTR = "sweeper.retry_of"  # on a trial that re-runs an interrupted trial's configuration
+STARTS_ATTR = "sweeper.starts"  # how many times a worker opened the study (seeds its sampler)
+WAIT_POLL_S = 2.0  # a worker with nothing to ask (the rest is running elsewhere) checks this often
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # We drive the heartbeat ourselves from the ask/tell loop (liveness.Heartbeat).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -53,7 +56,8 @@ def identity(cfg: Config, splits: data.Splits) -> dict[str, Any]:
 def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     s = cfg.search
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # constant_liar: concurrent workers do not all sample next to the same running trial.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "grid":
@@ -106,7 +110,11 @@ def open_study(cfg: Config, splits: data.Splits) -> optuna.Study:
             "with its original settings or start a new one with search.study_name=NEW_NAME")
     # The whole config of the latest run: export --refit retrains from it.
     study.set_user_attr(CONFIG_ATTR, dataclasses.asdict(cfg))
-    study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))
+    # Workers that open the study at the same moment see the same trials; the start count
+    # (read and bumped under the study lock) keeps their samplers' random streams apart.
+    starts = int(study.user_attrs.get(STARTS_ATTR, 0))
+    study.set_user_attr(STARTS_ATTR, starts + 1)
+    study.sampler = make_sampler(cfg, cfg.seed + len(study.trials) + 10_007 * starts)
     study.pruner = make_pruner(cfg)
     return study
 
@@ -119,16 +127,30 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def n_running(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def open_lock(cfg: Config) -> StudyLock:
+    lock = StudyLock(cfg.search.storage, cfg.search.study_name)
+    try:
+        with lock():
+            pass
+    except Exception as e:  # unreachable server, bad credentials, missing driver
+        raise UserError(f"search.storage={cfg.search.storage}: cannot open the Optuna storage "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    return lock
+
+
 def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     t0 = time.perf_counter()
     # Both stores must be writable before anything is loaded or written.
     prepare_sqlite(cfg.search.storage, "search.storage")
     prepare_sqlite(cfg.tracking.uri, "tracking.uri")
+    lock = open_lock(cfg)
     device = training.accelerator(cfg.trainer.accelerator)
     if splits is None:
         splits = data.load_splits(cfg.data, cfg.seed, device)
-    study = open_study(cfg, splits)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_location, cfg.search.study_name)
     s = cfg.search
     target = s.n_trials
     if s.sampler == "grid":
@@ -136,13 +158,16 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         if target > size:
             print(f"note: the grid has {size} points; running {size} trials, not {target}")
             target = size
-    parent = tracker.open_parent(
-        params={"sampler": s.sampler, "pruner": s.pruner, "objective": s.objective,
-                "seed": cfg.seed, "train_size": len(splits.y_train),
-                "val_size": len(splits.y_val), "family": cfg.model.family,
-                "search_space": json.dumps(search_space.describe(s.space))},
-        tags={"search.n_trials": str(target), DATA_TAG: splits.source,
-              "optuna.storage": s.storage})
+    with lock():  # workers starting together: one creates the stores and the parent run
+        study = open_study(cfg, splits)
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_location, s.study_name)
+        parent = tracker.open_parent(
+            params={"sampler": s.sampler, "pruner": s.pruner, "objective": s.objective,
+                    "seed": cfg.seed, "train_size": len(splits.y_train),
+                    "val_size": len(splits.y_val), "family": cfg.model.family,
+                    "search_space": json.dumps(search_space.describe(s.space))},
+            tags={"search.n_trials": str(target), DATA_TAG: splits.source,
+                  "optuna.storage": s.storage})
     done = n_finished(study)
     print(f"study {s.study_name!r}: {done}/{target} finished trials in {s.storage}; "
           f"MLflow {cfg.tracking.uri} (parent run {parent[:8]})\n"
@@ -151,22 +176,36 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     if done >= target:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")
-    status, failures = "FINISHED", 0
+    status, failures, waiting = "FINISHED", 0, False
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # signal handlers can only be set from the main thread
         previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         while n_finished(study) < target:
-            for number in recover_dead_trials(study, tracker):
-                print(f"trial {number} was left running by a process that died: marked failed, "
-                      "its configuration queued again", flush=True)
-            trial = run_trial(study, cfg, splits, tracker, parent)
-            console.trial_line(trial, n_finished(study), target)
-            failures = failures + 1 if trial.state == TrialState.FAIL else 0
+            with lock():
+                for number in recover_dead_trials(study, tracker):
+                    print(f"trial {number} was left running by a process that died: marked "
+                          "failed, its configuration queued again", flush=True)
+                # Running trials of other workers count: they will finish (or be retried).
+                trial = study.ask() if n_finished(study) + n_running(study) < target else None
+                if trial is not None:  # owned from the first moment: a beat, then the worker
+                    liveness.beat(study, trial)
+                    trial.set_user_attr(liveness.WORKER_ATTR, liveness.this_worker())
+            if trial is None:
+                if not waiting:
+                    print(f"waiting: the last {n_running(study)} trial(s) are running in other "
+                          "workers", flush=True)
+                    waiting = True
+                time.sleep(WAIT_POLL_S)
+                continue
+            waiting = False
+            frozen = run_trial(study, trial, cfg, splits, tracker, parent)
+            console.trial_line(frozen, n_finished(study), target)
+            failures = failures + 1 if frozen.state == TrialState.FAIL else 0
             if failures >= s.max_consecutive_failures:
                 status = "FAILED"
                 raise UserError(f"{failures} trials failed in a row (last: "
-                                f"{trial.user_attrs.get('error', '?')}); stopping the sweep. "
+                                f"{frozen.user_attrs.get('error', '?')}); stopping the sweep. "
                                 "Finished trials are kept; fix the cause and re-run to resume")
     except KeyboardInterrupt:
         status = "KILLED"
@@ -179,17 +218,18 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
         table = console.best_table(study)
-        tracker.close_parent(parent, status, f"# {s.study_name}\n\n```\n{table}\n```\n")
+        # With other workers still training, the last one to stop closes the parent run.
+        others = n_running(study)
+        tracker.close_parent(parent, None if others else status,
+                             f"# {s.study_name}\n\n```\n{table}\n```\n")
     print(f"\nbest trials of {s.study_name!r} ({n_finished(study)} finished, "
           f"{time.perf_counter() - t0:.0f}s this run):\n{table}")
     return study
 
 
-def run_trial(study: optuna.Study, cfg: Config, splits: data.Splits, tracker: Tracker,
-              parent: str) -> optuna.trial.FrozenTrial:
+def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: data.Splits,
+              tracker: Tracker, parent: str) -> optuna.trial.FrozenTrial:
     t0 = time.perf_counter()
-    trial = study.ask()
-    trial.set_user_attr(liveness.WORKER_ATTR, liveness.this_worker())
     run_id: str | None = None
     module = None
     pruned, error = False, None
@@ -208,17 +248,16 @@ def run_trial(study: optuna.Study, cfg: Config, splits: data.Splits, tracker: Tr
         return pruned
 
     try:
-        params = search_space.suggest(trial, cfg.search.space, cfg.model.depth)
-        spec = training.resolve(cfg, params, trial.number)
-        module = training.build(spec, splits)
-        n_params = training.n_params(module)
-        run_id = tracker.start_trial(parent, trial.number,
-                                     spec.mlflow_params() | {"n_params": n_params},
-                                     {DATA_TAG: splits.source})
-        trial.set_user_attr("n_params", n_params)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        # trial._trial_id: Optuna's heartbeat API is keyed by the storage id, not the number.
-        with liveness.Heartbeat(study._storage, trial._trial_id, cfg.search.heartbeat_interval_s):
+        with liveness.Heartbeat(study, trial, cfg.search.heartbeat_interval_s):
+            params = search_space.suggest(trial, cfg.search.space, cfg.model.depth)
+            spec = training.resolve(cfg, params, trial.number)
+            module = training.build(spec, splits)
+            n_params = training.n_params(module)
+            run_id = tracker.start_trial(parent, trial.number,
+                                         spec.mlflow_params() | {"n_params": n_params},
+                                         {DATA_TAG: splits.source})
+            trial.set_user_attr("n_params", n_params)
+            trial.set_user_attr("mlflow_run_id", run_id)
             training.fit(module, spec, splits, on_epoch)
     except Exception as e:  # this trial fails (bad config, out of memory, ...); the study goes on
         error = " ".join(f"{type(e).__name__}: {e}".split())[:300]

@@ -113,10 +113,12 @@ class Tracker:
         status = status or ("FAILED" if state == "FAIL" else "FINISHED")
         self.client.set_terminated(run_id, status=status)
 
-    def close_parent(self, run_id: str, status: str, summary_md: str | None = None) -> None:
+    def close_parent(self, run_id: str, status: str | None, summary_md: str | None = None) -> None:
+        """status None: other workers still run trials; the last one to stop ends the run."""
         if summary_md:
             self.client.log_text(run_id, summary_md, "best_trials.md")
-        self.client.set_terminated(run_id, status=status)
+        if status is not None:
+            self.client.set_terminated(run_id, status=status)
 
     def _log(self, run_id: str, params: dict[str, Any] | None = None,
              metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,

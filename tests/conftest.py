@@ -34,3 +34,19 @@ def tiny_cfg(tmp_path: Path) -> Config:
     cfg.search.space = {"depth": ParamSpec("int", low=1, high=2),
                         "width": ParamSpec("int", low=16, high=64, log=True)}
     return cfg
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL server for the multi-worker tests (see tests/postgres.py)."""
+    from tests.postgres import Throwaway, server_bin
+
+    bin_dir = server_bin()
+    if bin_dir is None:
+        why = "PostgreSQL server binaries not found (Debian: apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must run the multi-worker tests (.ci/run installs it)")
+        pytest.skip(why)
+    cluster = Throwaway(bin_dir)
+    yield cluster
+    cluster.stop()

@@ -114,7 +114,8 @@ def test_random_idx_bytes(tmp_path_factory, data, gz):
 @pytest.mark.parametrize("overrides, message", [
     (["tracking.uri=sqlite:///{file}/mlflow.db"], "cannot write to"),
     (["search.storage=sqlite:///{file}/optuna.db"], "cannot write to"),
-    (["search.storage=nosuchdb://host/x"], "cannot open the Optuna storage"),
+    (["search.storage=postgresql://nobody@127.0.0.1:1/none"], "cannot open the Optuna storage"),
+    (["search.storage=nosuchdb://host/x"], "use sqlite:///PATH (one machine) or postgresql"),
     (["search.space.depth.type=cube"], "type='cube' is not one of"),
     (["+search.space.momentum={{type: float, low: 0.1, high: 0.9}}"], "unknown parameter"),
     (["data=0"], "data takes the name of a file in conf/data/"),

@@ -30,10 +30,12 @@ SLOW_SMOKE = ["+experiment=smoke", "search.n_trials=3", "trainer.max_epochs=25",
 class Sweep:
     """A sweep in a child process whose output lines we can wait for."""
 
-    def __init__(self, cwd: Path, *overrides: str):
+    def __init__(self, cwd: Path, *overrides: str, prefix: tuple[str, ...] = (),
+                 **extra_env: str):
         env = {**os.environ, "SWEEPER_OFFLINE": "1", "PYTHONPATH": str(REPO),
-               "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweeper", *overrides], cwd=cwd,
+               "PYTHONUNBUFFERED": "1", **extra_env}
+        cmd = [*prefix, sys.executable, "-m", "sweeper", *overrides]
+        self.proc = subprocess.Popen(cmd, cwd=cwd,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: queue.Queue[str] = queue.Queue()
