@@ -8,6 +8,7 @@ No test set is loaded here: selection uses the validation split only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
@@ -52,6 +53,15 @@ class Splits:
     @property
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def fingerprint(self) -> str:
+        """The split's identity without its path: workers on machines that keep the same data
+        in different folders agree, a different dataset, seed or split does not. Labels only:
+        integers hash the same on every device, and 60,000 of them in split order are specific."""
+        h = hashlib.sha256()
+        for y in (self.y_train, self.y_val):
+            h.update(y.cpu().numpy().astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def describe(self) -> str:
         return (f"{self.source}: {len(self.y_train):,} train / {len(self.y_val):,} val "

@@ -48,9 +48,10 @@ CONFIG_ATTR = "sweeper.config"
 
 
 def identity(cfg: Config, splits: data.Splits) -> dict[str, Any]:
+    # The data by content, not path: workers on other machines may keep it elsewhere.
     return {"space": search_space.describe(cfg.search.space), "objective": cfg.search.objective,
-            "data": splits.source, "val_size": len(splits.y_val), "seed": cfg.seed,
-            "family": cfg.model.family}
+            "data": f"{splits.source.split(':')[0]}:{splits.fingerprint()}",
+            "val_size": len(splits.y_val), "seed": cfg.seed, "family": cfg.model.family}
 
 
 def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
@@ -187,14 +188,15 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                     print(f"trial {number} was left running by a process that died: marked "
                           "failed, its configuration queued again", flush=True)
                 # Running trials of other workers count: they will finish (or be retried).
-                trial = study.ask() if n_finished(study) + n_running(study) < target else None
+                elsewhere = n_running(study)
+                trial = study.ask() if n_finished(study) + elsewhere < target else None
                 if trial is not None:  # owned from the first moment: a beat, then the worker
                     liveness.beat(study, trial)
                     trial.set_user_attr(liveness.WORKER_ATTR, liveness.this_worker())
             if trial is None:
                 if not waiting:
-                    print(f"waiting: the last {n_running(study)} trial(s) are running in other "
-                          "workers", flush=True)
+                    print(f"waiting: the last {elsewhere} trial(s) are running in other workers",
+                          flush=True)
                     waiting = True
                 time.sleep(WAIT_POLL_S)
                 continue

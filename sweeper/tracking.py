@@ -8,6 +8,7 @@ stopped on purpose, which is not a failure. Failed trials end FAILED, interrupte
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class Tracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        # With a tracking server, MLflow prints two URL lines whenever a run ends.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         # After the import: mlflow configures its own logger when imported.
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)

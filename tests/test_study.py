@@ -1,5 +1,6 @@
 """The sweep end to end: Optuna trials, MLflow parent/child runs, resume, pruning."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -7,10 +8,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import EPOCH_METRICS
+from sweeper import data
 from sweeper.config import ParamSpec
 from sweeper.errors import UserError
 from sweeper.study import run_study
@@ -102,6 +105,21 @@ def test_resume_with_a_different_space_is_refused(tiny_cfg):
     tiny_cfg.search.space["width"] = ParamSpec("int", low=16, high=128, log=True)
     with pytest.raises(UserError, match="different space"):
         run_study(tiny_cfg)
+
+
+def test_resume_knows_the_data_by_content_not_by_path(tiny_cfg):
+    splits = data.load_splits(tiny_cfg.data, tiny_cfg.seed, torch.device("cpu"))
+    tiny_cfg.trainer.max_epochs, tiny_cfg.search.n_trials = 1, 1
+    run_study(tiny_cfg, splits)
+    # Another machine keeps the same files elsewhere: the same study.
+    tiny_cfg.search.n_trials = 2
+    moved = dataclasses.replace(splits, source="mnist_sample:/elsewhere/on/another/machine")
+    assert len(run_study(tiny_cfg, moved).trials) == 2
+    # Same source name, other content (e.g. other files at that path): refused.
+    shuffled = dataclasses.replace(splits, y_val=splits.y_val.flip(0))
+    tiny_cfg.search.n_trials = 3
+    with pytest.raises(UserError, match="different data"):
+        run_study(tiny_cfg, shuffled)
 
 
 def test_samplers_and_pruners_run(tiny_cfg):

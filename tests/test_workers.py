@@ -1,11 +1,18 @@
-"""Several workers share one study through PostgreSQL (Optuna storage and MLflow tracking):
-exactly search.n_trials finished trials, one parent run, and a killed worker's trial retried."""
+"""Several workers share one study through PostgreSQL (the Optuna storage; MLflow through an
+MLflow server or straight into PostgreSQL): exactly search.n_trials finished trials, one parent
+run, and a killed worker's trial retried."""
 
+import contextlib
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -29,6 +36,35 @@ def stores(postgres_cluster, tmp_path) -> tuple[str, str, list[str]]:
         f"tracking.artifact_location={(tmp_path / 'artifacts').as_uri()}"]
 
 
+@contextlib.contextmanager
+def mlflow_server(backend: str, artifacts: Path) -> Iterator[str]:
+    """`mlflow server` on a PostgreSQL backend store, as in README's "Scale out"."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(artifacts.parent / "mlflow-server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < end, \
+                    (artifacts.parent / "mlflow-server.log").read_text()
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
 def finish(*workers: Sweep, timeout: float = 240) -> None:
     end = time.monotonic() + timeout
     for w in workers:
@@ -39,19 +75,23 @@ def finish(*workers: Sweep, timeout: float = 240) -> None:
 
 
 def test_two_workers_started_together_share_one_study(postgres_cluster, tmp_path):
-    optuna_url, mlflow_url, overrides = stores(postgres_cluster, tmp_path)
-    # ~1 s trials: long enough that both workers get some.
-    workers = [Sweep(tmp_path, *overrides, "trainer.max_epochs=8", OMP_NUM_THREADS="1")
-               for _ in range(2)]
-    finish(*workers)
+    optuna_url, mlflow_db, overrides = stores(postgres_cluster, tmp_path)
+    with mlflow_server(mlflow_db, tmp_path / "served-artifacts") as server:
+        overrides = [o for o in overrides if not o.startswith("tracking.")]
+        # ~1 s trials: long enough that both workers get some.
+        workers = [Sweep(tmp_path, *overrides, f"tracking.uri={server}", "trainer.max_epochs=8",
+                         OMP_NUM_THREADS="1") for _ in range(2)]
+        finish(*workers)
+        client, parents, children = runs(server, "smoke")
+        best_trials = [f.path for f in client.list_artifacts(parents[0].info.run_id)]
     study = optuna.load_study(study_name="smoke", storage=optuna_url)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6  # no extra, no failure
     assert sorted(t.number for t in study.trials) == list(range(6))
     owners = {t.user_attrs[liveness.WORKER_ATTR] for t in study.trials}
     assert len(owners) == 2, "both workers should have trained trials"
 
-    _, parents, children = runs(mlflow_url, "smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert best_trials == ["best_trials.md"]  # artifacts go through the server
     assert len(children) == 6
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(int(c.data.tags[TRIAL_TAG]) for c in children) == list(range(6))
