@@ -114,6 +114,14 @@ class TrackingConfig:
 
 
 @dataclass
+class ConfirmConfig:
+    # Seed repeats after the sweep: each chosen configuration ends with `seeds` runs in all.
+    seeds: int = 0
+    top_k: int = 3
+    ladder: int = 0
+
+
+@dataclass
 class Config:
     name: str = "default"
     seed: int = 0
@@ -123,6 +131,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 
 
 CONFIG_GROUPS = ("data", "model", "trainer", "search", "experiment")
@@ -215,6 +224,9 @@ def validate(cfg: Config) -> None:
            "or define search.space in YAML (see README, 'Writing a search space')")
     for name, spec in s.space.items():
         _validate_param(name, spec, s.sampler)
+    c = cfg.confirm
+    _check(c.seeds >= 0 and c.top_k >= 0 and c.ladder >= 0,
+           "confirm.seeds, confirm.top_k and confirm.ladder must be >= 0")
     for i, fixed in enumerate(s.enqueue):
         unknown = sorted(set(fixed) - set(s.space))
         _check(not unknown, f"search.enqueue[{i}]: {unknown} not in search.space")

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
-from sweeper import checkpoints, console, data, liveness, search_space, training
+from sweeper import checkpoints, console, data, liveness, repeats, search_space, training
 from sweeper.config import Config
 from sweeper.errors import UserError
 from sweeper.study_lock import StudyLock
@@ -209,6 +209,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                 raise UserError(f"{failures} trials failed in a row (last: "
                                 f"{frozen.user_attrs.get('error', '?')}); stopping the sweep. "
                                 "Finished trials are kept; fix the cause and re-run to resume")
+        repeats.run(study, cfg, splits, tracker, parent, lock)
     except KeyboardInterrupt:
         status = "KILLED"
         console.clear_live()

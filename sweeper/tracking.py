@@ -15,7 +15,8 @@ from typing import Any
 
 from sweeper.errors import UserError
 
-ROLE_TAG = "sweeper.role"  # parent | trial
+ROLE_TAG = "sweeper.role"  # parent | trial | repeat
+REPEAT_TAG = "sweeper.repeat"  # seed index of a repeat run (the trial itself is 0)
 STUDY_TAG = "sweeper.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"  # COMPLETE | PRUNED | FAIL
@@ -96,10 +97,15 @@ class Tracker:
         return run_id
 
     def start_trial(self, parent_id: str, number: int, params: dict[str, Any],
-                    tags: dict[str, str]) -> str:
+                    tags: dict[str, str], repeat: int | None = None) -> str:
+        """A trial's run; with `repeat`, a seed repeat of that trial's configuration."""
+        name, role = f"trial-{number:03d}", "trial"
+        if repeat is not None:
+            name, role = f"{name}-seed{repeat}", "repeat"
+            tags = tags | {REPEAT_TAG: str(repeat)}
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{number:03d}",
-            tags={PARENT_RUN_ID_TAG: parent_id, ROLE_TAG: "trial", STUDY_TAG: self.experiment,
+            self.experiment_id, run_name=name,
+            tags={PARENT_RUN_ID_TAG: parent_id, ROLE_TAG: role, STUDY_TAG: self.experiment,
                   TRIAL_TAG: str(number), **tags})
         self._log(run.info.run_id, params=params)
         return run.info.run_id

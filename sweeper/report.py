@@ -1,0 +1,380 @@
+"""`python -m sweeper.report --study NAME`: does size buy generalization in this study?
+
+Reads the Optuna study (params, final metrics, n_params) and its MLflow runs (per-epoch curves),
+writes report.md and PNG figures to --out (default mlruns/reports/NAME/) and to the study's
+parent MLflow run (artifacts under report/), and prints the verdict and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
+from sweeper import repeats, stats
+from sweeper.errors import UserError
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
+DROPOUT_BANDS = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.0))  # dropout confounds size: compare within
+
+
+@dataclass
+class Row:
+    number: int
+    state: str
+    depth: int
+    width: int  # the widest hidden layer
+    dropout: float
+    lr: float
+    n_params: int
+    epochs: int
+    train_acc: float
+    val_acc: float
+    gap: float
+    run_id: str | None = None
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    # With seed repeats: final metrics of every seed (the trial's own first); the statistics and
+    # figures then use the mean over seeds, with the standard deviation as error bars.
+    seeds: list[dict[str, float]] = field(default_factory=list)
+
+    def mean_std(self, metric: str) -> tuple[float, float]:
+        if len(self.seeds) < 2:
+            return getattr(self, metric), 0.0
+        return repeats.mean_std([s[metric] for s in self.seeds])
+
+
+@dataclass
+class Report:
+    study: str
+    rows: list[Row]
+    setup: dict[str, Any]
+    size_gap: stats.Correlation
+    size_val: stats.Correlation
+    bands: list[tuple[str, stats.Correlation, stats.Correlation]]
+    verdict: str
+    excluded_pruned: int
+
+
+def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
+    from optuna.trial import TrialState
+
+    from sweeper.study import CONFIG_ATTR
+
+    model = study.user_attrs.get(CONFIG_ATTR, {}).get("model", {})
+    trainer = study.user_attrs.get(CONFIG_ATTR, {}).get("trainer", {})
+    states = (TrialState.COMPLETE, TrialState.PRUNED) if include_pruned else (TrialState.COMPLETE,)
+    pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=states):
+        a, p = t.user_attrs, t.params
+        if VAL_ACC not in a or "n_params" not in a:
+            continue
+        depth = int(p.get("depth", model.get("depth", 0)))
+        widths = [v for k, v in p.items() if k.startswith("width_")] or [
+            p.get("width", model.get("width", 0))]
+        rows.append(Row(t.number, t.state.name, depth, int(max(widths)),
+                        float(p.get("dropout", model.get("dropout", 0.0))),
+                        float(p.get("lr", trainer.get("lr", 0.0))), int(a["n_params"]),
+                        int(a.get("epochs_run", 0)), float(a[TRAIN_ACC]), float(a[VAL_ACC]),
+                        float(a[GAP]), a.get("mlflow_run_id")))
+    seeds = repeats.results(study)
+    for r in rows:
+        r.seeds = seeds.get(r.number, [])
+    return sorted(rows, key=lambda r: r.n_params), 0 if include_pruned else pruned
+
+
+def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
+            excluded_pruned: int) -> Report:
+    size = np.array([r.n_params for r in rows], dtype=np.float64)
+    gap = np.array([r.mean_std(GAP)[0] for r in rows])
+    val = np.array([r.mean_std(VAL_ACC)[0] for r in rows])
+    size_gap, size_val = stats.correlation(size, gap), stats.correlation(size, val)
+    bands = []
+    for lo, hi in DROPOUT_BANDS:
+        i = np.array([lo <= r.dropout < hi for r in rows], dtype=bool)
+        if i.sum() >= 3:
+            bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
+                          stats.correlation(size[i], val[i])))
+    return Report(study_name, rows, setup, size_gap, size_val, bands,
+                  verdict(size_gap, size_val, bands, len(rows)), excluded_pruned)
+
+
+def verdict(size_gap: stats.Correlation, size_val: stats.Correlation,
+            bands: list[tuple[str, stats.Correlation, stats.Correlation]], n: int) -> str:
+    if n < 3:
+        return (f"Not enough complete trials to say ({n}); run more trials "
+                "(search.n_trials) or include pruned ones (--include-pruned).")
+    answer = {1: "**Yes**: bigger networks reached higher validation accuracy",
+              -1: "**No**: bigger networks reached lower validation accuracy",
+              0: "**Unclear**: validation accuracy shows no clear trend with size"}[size_val.sign]
+    gap_text = {1: "they also fit the training set better than they generalize: the "
+                   "train-validation gap grows with size",
+                -1: "and the train-validation gap shrinks with size",
+                0: "the train-validation gap shows no clear trend with size"}[size_gap.sign]
+    text = (f"{answer} (Spearman rho of n_params with val_acc {size_val}); {gap_text} (rho with "
+            f"gap {size_gap}). Intervals are 95% bootstrap intervals over trials; \"clear\" "
+            "means the interval excludes 0.")
+    flips = [name for name, g, v in bands
+             if (v.sign and v.sign != size_val.sign) or (g.sign and g.sign != size_gap.sign)]
+    if flips:
+        text += (f" Within {', '.join(flips)} the trend differs from the pooled one: dropout "
+                 "confounds size in this study.")
+    elif bands:
+        text += (" Within each dropout band with enough trials the trends do not contradict "
+                 "the pooled ones.")
+    return text
+
+
+def fetch_curves(rows: list[Row], tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for r in rows:
+        if r.run_id:
+            for m in (TRAIN_ACC, VAL_ACC):
+                hist = sorted(client.get_metric_history(r.run_id, m), key=lambda h: h.step)
+                r.curves[m] = [h.value for h in hist]
+
+
+def table(rows: list[Row]) -> str:
+    head = "| trial | depth | width | dropout | lr | n_params | epochs | train % | val % | gap % |"
+    lines = [head, "|" + " --- |" * 10]
+    for r in rows:
+        cells = []
+        for m, sign in ((TRAIN_ACC, ""), (VAL_ACC, ""), (GAP, "+")):
+            mean, std = r.mean_std(m)
+            cells.append(f"{100 * mean:{sign}.2f}" + (f" ± {100 * std:.2f} ({len(r.seeds)} seeds)"
+                                                      if len(r.seeds) > 1 else ""))
+        lines.append(f"| {r.number} | {r.depth} | {r.width} | {r.dropout:.2f} | {r.lr:.2g} | "
+                     f"{r.n_params:,} | {r.epochs} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
+    """name -> caption of each PNG written (or why it was skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, str] = {}
+    rows = rep.rows
+    size = np.array([r.n_params for r in rows])
+    depth = np.array([r.depth for r in rows])
+
+    def scatter(name: str, x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str,
+                logx: bool, caption: str, yerr: np.ndarray | None = None) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if yerr is not None and yerr.any():  # seed repeats: mean ± std
+            ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor="0.4", capsize=3, zorder=1)
+        sc = ax.scatter(x, y, c=depth, cmap="viridis", edgecolors="k", linewidths=0.3, zorder=2)
+        fig.colorbar(sc, ax=ax, label="depth")
+        if logx:
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{rep.study}: {caption}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made[name] = caption
+
+    gap_pct, gap_err = (100 * np.array([r.mean_std(GAP)[i] for r in rows]) for i in (0, 1))
+    val_pct, val_err = (100 * np.array([r.mean_std(VAL_ACC)[i] for r in rows]) for i in (0, 1))
+    scatter("gap_vs_params.png", size, gap_pct, "n_params", "gap (train - val), %", True,
+            "gap vs size", gap_err)
+    scatter("val_vs_params.png", size, val_pct, "n_params", "validation accuracy, %", True,
+            "validation accuracy vs size", val_err)
+    scatter("gap_vs_dropout.png", np.array([r.dropout for r in rows]), gap_pct, "dropout",
+            "gap (train - val), %", False, "gap vs dropout", gap_err)
+
+    # depth x width (log2 bins) heatmaps: mean over the trials in each cell.
+    def wbin(r: Row) -> int:
+        return math.floor(math.log2(max(r.width, 1)))
+
+    bins = sorted({wbin(r) for r in rows})
+    depths = sorted({r.depth for r in rows})
+    for metric, name in ((VAL_ACC, "heatmap_val.png"), (GAP, "heatmap_gap.png")):
+        total = np.zeros((len(depths), len(bins)))
+        count = np.zeros_like(total)
+        for r in rows:
+            i, j = depths.index(r.depth), bins.index(wbin(r))
+            total[i, j] += 100 * r.mean_std(metric)[0]
+            count[i, j] += 1
+        grid = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        fig, ax = plt.subplots(figsize=(1.2 * len(bins) + 2, 0.8 * len(depths) + 1.5))
+        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        for i in range(len(depths)):
+            for j in range(len(bins)):
+                if count[i, j]:
+                    ax.text(j, i, f"{grid[i, j]:.2f}\nn={int(count[i, j])}", ha="center",
+                            va="center", fontsize=7, color="w")
+        ax.set_xticks(range(len(bins)), [f"{2 ** b}-{2 ** (b + 1) - 1}" for b in bins],
+                      rotation=30)
+        ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+        label = "validation accuracy, %" if metric == VAL_ACC else "gap, %"
+        ax.set(xlabel="width", ylabel="depth", title=f"{rep.study}: {label} (mean per cell)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made[name] = f"depth x width: {label}"
+
+    with_curves = [r for r in rows if r.curves.get(VAL_ACC)]
+    if with_curves:
+        picks = {"smallest": with_curves[0], "median": with_curves[len(with_curves) // 2],
+                 "largest": with_curves[-1]}
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+        for ax, (label, r) in zip(axes, picks.items(), strict=True):
+            for m, style in ((TRAIN_ACC, "-"), (VAL_ACC, "--")):
+                ys = 100 * np.array(r.curves.get(m, []))
+                ax.plot(range(1, len(ys) + 1), ys, style, label=m)
+            ax.set(title=f"{label}: trial {r.number}, {r.n_params:,} params", xlabel="epoch")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("accuracy, %")
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=110)
+        plt.close(fig)
+        made["learning_curves.png"] = "learning curves of the smallest, median and largest network"
+
+    import optuna
+
+    def value_of(metric: str) -> Any:
+        return lambda t: t.user_attrs[metric]
+
+    # Optuna computes importances over complete trials only.
+    for target, name in ((VAL_ACC, "importance_val.png"), (GAP, "importance_gap.png")):
+        try:
+            imp = optuna.importance.get_param_importances(
+                study, target=value_of(target),
+                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (RuntimeError, ValueError) as e:  # too few trials or no varying parameter
+            made[name] = f"skipped: {e}"
+            continue
+        fig, ax = plt.subplots(figsize=(5, 0.5 * len(imp) + 1.2))
+        ax.barh(list(imp)[::-1], list(imp.values())[::-1])
+        ax.set(xlabel="importance (fANOVA)", title=f"what drives {target}")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made[name] = f"Optuna parameter importances for {target} (complete trials)"
+    return made
+
+
+def markdown(rep: Report, made: dict[str, str]) -> str:
+    s = rep.setup
+    lines = [f"# {rep.study}: do bigger networks generalize better?", "",
+             "## Setup", "",
+             f"- data: {s.get('data', '?')} ({s.get('train_size', '?')} train / "
+             f"{s.get('val_size', '?')} validation images)",
+             f"- budget: {s.get('n_trials', '?')} trials of up to {s.get('max_epochs', '?')} "
+             f"epochs; sampler {s.get('sampler', '?')}, pruner {s.get('pruner', '?')}",
+             f"- trials in these statistics: {len(rep.rows)} complete"
+             + (f"; {rep.excluded_pruned} pruned trials excluded (they stopped early, so their "
+                "final metrics are not comparable; --include-pruned adds them)"
+                if rep.excluded_pruned else ""),
+             f"- seed repeats: {sum(len(r.seeds) > 1 for r in rep.rows)} configurations with "
+             f"{max((len(r.seeds) for r in rep.rows), default=0)} seeds each; their mean is "
+             "used below and their standard deviation drawn as error bars"
+             if any(len(r.seeds) > 1 for r in rep.rows) else
+             "- seed repeats: none (one seed per configuration; confirm.seeds=N adds them)",
+             "", "## Verdict", "", rep.verdict, "",
+             "| trials | rho(n_params, gap) | rho(n_params, val_acc) |", "| --- | --- | --- |",
+             f"| all | {rep.size_gap} | {rep.size_val} |"]
+    lines += [f"| {name} | {g} | {v} |" for name, g, v in rep.bands]
+    lines += ["", "## Figures", ""]
+    for name, caption in made.items():
+        lines.append(f"- {name}: {caption}" if caption.startswith("skipped")
+                     else f"![{caption}]({name})")
+    lines += ["", "## Trials (complete, by size)", "", table(rep.rows), ""]
+    return "\n".join(lines)
+
+
+def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
+          include_pruned: bool = False) -> Report:
+    import optuna
+
+    from sweeper.study import CONFIG_ATTR
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise UserError(f"no study {study_name!r} in {storage}") from None
+    except Exception as e:
+        raise UserError(f"--storage {storage}: {type(e).__name__}: {e}") from None
+    rows, excluded = rows_of(study, include_pruned)
+    cfg = study.user_attrs.get(CONFIG_ATTR, {})
+    from sweeper.study import IDENTITY_ATTR
+
+    setup = {"data": study.user_attrs.get(IDENTITY_ATTR, {}).get("data", "?"),
+             "n_trials": cfg.get("search", {}).get("n_trials"),
+             "max_epochs": cfg.get("trainer", {}).get("max_epochs"),
+             "sampler": cfg.get("search", {}).get("sampler"),
+             "pruner": cfg.get("search", {}).get("pruner")}
+    parent = None
+    if tracking_uri:
+        parent = parent_run(tracking_uri, study_name)
+        if parent is not None:
+            setup |= {k: parent.data.params.get(k, "?") for k in ("train_size", "val_size")}
+            setup["data"] = parent.data.tags.get("data.source", setup["data"])
+        fetch_curves(rows, tracking_uri)
+    rep = analyse(study_name, rows, setup, excluded)
+    out.mkdir(parents=True, exist_ok=True)
+    made = figures(rep, study, out) if rows else {}
+    (out / "report.md").write_text(markdown(rep, made))
+    if parent is not None:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri).log_artifacts(parent.info.run_id, str(out),
+                                                              "report")
+    return rep
+
+
+def parent_run(tracking_uri: str, study_name: str) -> Any:
+    from mlflow import MlflowClient
+
+    from sweeper.tracking import ROLE_TAG
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(study_name)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sweeper.report",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--study", required=True, help="the study's search.study_name")
+    ap.add_argument("--storage", default=DEFAULT_STORAGE)
+    ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING)
+    ap.add_argument("--no-mlflow", action="store_true", help="no curves, nothing logged")
+    ap.add_argument("--out", type=Path, help="default: mlruns/reports/STUDY/")
+    ap.add_argument("--include-pruned", action="store_true")
+    args = ap.parse_args(argv)
+    out = args.out or Path("mlruns/reports") / args.study
+    try:
+        rep = build(args.study, args.storage, None if args.no_mlflow else args.tracking_uri, out,
+                    args.include_pruned)
+    except UserError as e:
+        print(f"sweeper.report: error: {e}", file=sys.stderr)
+        return 2
+    print(rep.verdict.replace("**", ""))
+    print()
+    print(table(rep.rows))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
