@@ -54,6 +54,10 @@ class DataConfig:
     # test.csv is only read by export, for submission.csv).
     train_csv: Optional[str] = None
     test_csv: Optional[str] = None
+    # Train on the first N images of the (seeded) training split; null: all of it.
+    train_size: Optional[int] = None
+    # Fraction of training labels replaced by uniformly random ones (seeded; validation clean).
+    label_noise: float = 0.0
 
 
 @dataclass
@@ -189,6 +193,10 @@ def validate(cfg: Config) -> None:
     """Reject impossible values with one line that names the key and the fix."""
     _one_of("data", cfg.data.name, DATASETS)
     _check(cfg.data.val_size >= 1, f"data.val_size={cfg.data.val_size} must be >= 1")
+    _check(cfg.data.train_size is None or cfg.data.train_size >= 1,
+           f"data.train_size={cfg.data.train_size} must be >= 1 (or null: all)")
+    _check(0 <= cfg.data.label_noise <= 1,
+           f"data.label_noise={cfg.data.label_noise} must be a fraction in [0, 1]")
     _check(cfg.data.name != "kaggle" or cfg.data.train_csv is not None,
            "data=kaggle needs data.train_csv=PATH (Kaggle's train.csv)")
     _one_of("model.family", cfg.model.family, MODEL_FAMILIES)

@@ -49,6 +49,7 @@ class Splits:
     mean: float  # normalization: x = (pixel / 255 - mean) / std
     std: float
     n_classes: int = 10
+    label_noise: float = 0.0  # fraction of training labels redrawn at random (validation clean)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -64,8 +65,10 @@ class Splits:
         return h.hexdigest()[:16]
 
     def describe(self) -> str:
+        noise = (f", {100 * self.label_noise:g}% of training labels randomized"
+                 if self.label_noise else "")
         return (f"{self.source}: {len(self.y_train):,} train / {len(self.y_val):,} val "
-                f"(train_acc on a fixed {len(self.y_train_eval):,}-image train subset) "
+                f"(train_acc on a fixed {len(self.y_train_eval):,}-image train subset{noise}) "
                 f"on {self.x_train.device}")
 
 
@@ -154,10 +157,12 @@ def warn(msg: str) -> None:
 def load_splits(cfg: DataConfig, seed: int, device: torch.device) -> Splits:
     """The study's split of the configured source (or of its fallback)."""
     ds = load(cfg)
-    return make_splits(ds, ds.val_size or cfg.val_size, seed, device)
+    return make_splits(ds, ds.val_size or cfg.val_size, seed, device, cfg.train_size,
+                       cfg.label_noise)
 
 
-def make_splits(ds: Dataset, val_size: int, seed: int, device: torch.device) -> Splits:
+def make_splits(ds: Dataset, val_size: int, seed: int, device: torch.device,
+                train_size: int | None = None, label_noise: float = 0.0) -> Splits:
     n = len(ds.labels)
     if not 0 < val_size < n:
         raise UserError(f"data.val_size={val_size} must be between 1 and {n - 1} "
@@ -165,13 +170,23 @@ def make_splits(ds: Dataset, val_size: int, seed: int, device: torch.device) -> 
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     val_idx, train_idx = perm[:val_size], perm[val_size:]
-    eval_idx = train_idx[torch.randperm(len(train_idx), generator=g)[:val_size]]
+    if train_size is not None:
+        if not 0 < train_size <= len(train_idx):
+            raise UserError(f"data.train_size={train_size} must be between 1 and "
+                            f"{len(train_idx):,} (what {ds.source} leaves after validation)")
+        train_idx = train_idx[:train_size]
+    eval_pos = torch.randperm(len(train_idx), generator=g)[:val_size]
 
     x = torch.from_numpy(ds.images).float().div_(255).unsqueeze(1)
     y = torch.from_numpy(ds.labels)
     mean, std = x[train_idx].mean().item(), x[train_idx].std().item()
-    x = x.sub_(mean).div_(std).to(device)
-    y = y.to(device)
-    train_idx, val_idx, eval_idx = (i.to(device) for i in (train_idx, val_idx, eval_idx))
-    return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[eval_idx], y[eval_idx],
-                  ds.source, mean, std)
+    x = x.sub_(mean).div_(std)
+    x_train, y_train = x[train_idx], y[train_idx].clone()
+    if label_noise > 0:  # training labels only; validation stays clean
+        gn = torch.Generator().manual_seed(seed + 1)
+        k = round(label_noise * len(train_idx))
+        which = torch.randperm(len(train_idx), generator=gn)[:k]
+        y_train[which] = torch.randint(0, 10, (k,), generator=gn)  # may redraw the true label
+    return Splits(x_train.to(device), y_train.to(device), x[val_idx].to(device),
+                  y[val_idx].to(device), x_train[eval_pos].to(device),
+                  y_train[eval_pos].to(device), ds.source, mean, std, label_noise=label_noise)

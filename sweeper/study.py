@@ -166,6 +166,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             params={"sampler": s.sampler, "pruner": s.pruner, "objective": s.objective,
                     "seed": cfg.seed, "train_size": len(splits.y_train),
                     "val_size": len(splits.y_val), "family": cfg.model.family,
+                    "label_noise": splits.label_noise,
                     "search_space": json.dumps(search_space.describe(s.space))},
             tags={"search.n_trials": str(target), DATA_TAG: splits.source,
                   "optuna.storage": s.storage})

@@ -128,3 +128,17 @@ def test_null_removes_a_parameter_from_the_space():
     cfg = compose_cfg("+experiment=depth_vs_width", "search.space.lr=null")
     assert set(cfg.search.space) == {"depth", "width", "dropout"}
     validate(cfg)
+
+
+def test_generalization_experiments_are_shaped_as_documented():
+    from sweeper.search_space import grid
+
+    w = compose_cfg("+experiment=width_ladder")
+    assert grid(w.search.space) == {"width": [2 ** i for i in range(4, 14)]}
+    assert (w.model.depth, w.model.dropout, w.search.pruner) == (1, 0.0, "none")
+    d = compose_cfg("+experiment=dropout_vs_gap")
+    assert grid(d.search.space) == {"dropout": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}
+    assert d.confirm.seeds == 3 and d.confirm.top_k >= 8  # every grid point repeated
+    n = compose_cfg("+experiment=label_noise")
+    assert (n.data.train_size, n.data.label_noise) == (4000, 0.2)
+    assert grid(n.search.space)["width"][0] == 1 and n.search.sampler == "grid"

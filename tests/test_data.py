@@ -31,6 +31,25 @@ def test_split_is_seeded_disjoint_and_normalized():
     assert all(v.numpy().tobytes() in train for v in a.x_train_eval[:200])
 
 
+def test_train_subset_and_label_noise_touch_training_labels_only():
+    ds = data.load(DataConfig(name="mnist_sample"))
+    cpu = torch.device("cpu")
+    clean = data.make_splits(ds, 1000, 0, cpu, train_size=2000)
+    noisy = data.make_splits(ds, 1000, 0, cpu, train_size=2000, label_noise=0.2)
+    again = data.make_splits(ds, 1000, 0, cpu, train_size=2000, label_noise=0.2)
+    assert len(clean.y_train) == 2000 and torch.equal(clean.x_train, noisy.x_train)
+    assert torch.equal(clean.y_val, noisy.y_val) and torch.equal(clean.x_val, noisy.x_val)
+    changed = (clean.y_train != noisy.y_train).float().mean().item()
+    assert 0.15 < changed < 0.21  # 20% redrawn, a tenth of them to the true label
+    assert torch.equal(noisy.y_train, again.y_train)  # seeded
+    # train_acc is measured on the labels the network trained on (interpolation = 100%)
+    pos = [next(i for i in range(2000) if torch.equal(noisy.x_train[i], x))
+           for x in noisy.x_train_eval[:50]]
+    assert torch.equal(noisy.y_train_eval[:50], noisy.y_train[pos])
+    with pytest.raises(UserError, match=r"data\.train_size=5000 must be between 1 and 4,000"):
+        data.make_splits(ds, 1000, 0, cpu, train_size=5000)
+
+
 def test_val_size_too_large():
     ds = data.load(DataConfig(name="mnist_sample"))
     with pytest.raises(UserError, match=r"data\.val_size=5000 must be between"):
