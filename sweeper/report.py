@@ -102,8 +102,25 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
         if i.sum() >= 3:
             bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
                           stats.correlation(size[i], val[i])))
-    return Report(study_name, rows, setup, size_gap, size_val, bands,
-                  verdict(size_gap, size_val, bands, len(rows)), excluded_pruned)
+    text = verdict(size_gap, size_val, bands, len(rows))
+    if (d := dip(rows)) is not None:
+        text += d
+    return Report(study_name, rows, setup, size_gap, size_val, bands, text, excluded_pruned)
+
+
+def dip(rows: list[Row], points: float = 0.01) -> str | None:
+    """A rank correlation only sees monotone trends. Say so when validation accuracy (by size)
+    falls by `points` or more below an earlier peak and later climbs above it again: the
+    double-descent shape."""
+    val = [r.mean_std(VAL_ACC)[0] for r in rows]
+    for i in range(len(val)):
+        j = min(range(i, len(val)), key=lambda k: val[k])
+        if val[i] - val[j] >= points and any(v > val[i] for v in val[j:]):
+            return (f" Not monotone: validation accuracy falls from {100 * val[i]:.2f}% at "
+                    f"{rows[i].n_params:,} params to {100 * val[j]:.2f}% at {rows[j].n_params:,}"
+                    f" (train {100 * rows[j].mean_std(TRAIN_ACC)[0]:.2f}%), then climbs above "
+                    "it again with size: a double-descent shape.")
+    return None
 
 
 def verdict(size_gap: stats.Correlation, size_val: stats.Correlation,
@@ -174,8 +191,13 @@ def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         if yerr is not None and yerr.any():  # seed repeats: mean ± std
             ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor="0.4", capsize=3, zorder=1)
-        sc = ax.scatter(x, y, c=depth, cmap="viridis", edgecolors="k", linewidths=0.3, zorder=2)
-        fig.colorbar(sc, ax=ax, label="depth")
+        if len(set(depth.tolist())) > 1:
+            sc = ax.scatter(x, y, c=depth, cmap="viridis", edgecolors="k", linewidths=0.3,
+                            zorder=2)
+            fig.colorbar(sc, ax=ax, label="depth")
+        else:
+            ax.plot(x, y, "o-", mec="k", mew=0.3, zorder=2, label=f"depth {depth[0]}")
+            ax.legend()
         if logx:
             ax.set_xscale("log")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{rep.study}: {caption}")

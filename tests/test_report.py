@@ -55,6 +55,12 @@ def test_the_verdict_follows_the_numbers():
     down = report.analyse("s", rows(-0.02, -0.01), {}, 0)
     assert down.verdict.startswith("**No**") and "shrinks with size" in down.verdict
     assert "Not enough" in report.analyse("s", rows(0.02, 0.01, n=2), {}, 0).verdict
+    assert "Not monotone" not in up.verdict
+    dipped = rows(+0.02, +0.01)
+    for r, v in zip(dipped[3:6], (0.95, 0.94, 0.95), strict=True):
+        r.val_acc = v  # falls >= 1 point below the peak, then recovers above it
+    assert "Not monotone: validation accuracy falls from" in report.analyse(
+        "s", dipped, {}, 0).verdict
 
 
 def test_report_and_seed_repeats_on_a_small_study(tiny_cfg, tmp_path):
