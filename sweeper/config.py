@@ -21,7 +21,9 @@ MODEL_FAMILIES = ("mlp",)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-STORAGE_SCHEMES = ("sqlite", "postgresql")  # Optuna storages whose study lock we implement
+STORAGE_SCHEMES = ("sqlite", "postgresql")
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # also the default of export/report --storage
+DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"  # Optuna storages whose study lock we implement
 
 # Where a searched parameter lands: model architecture or training recipe.
 MODEL_PARAMS = ("depth", "width", "dropout")
@@ -88,7 +90,7 @@ class TrainerConfig:
 class SearchConfig:
     n_trials: int = 20
     study_name: str = "default"
-    storage: str = "sqlite:///mlruns/optuna.db"
+    storage: str = DEFAULT_STORAGE
     sampler: str = "tpe"
     pruner: str = "median"
     # Median pruner: never prune during the first N trials or before epoch N+1.
@@ -112,7 +114,7 @@ class SearchConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlruns/mlflow.db"
+    uri: str = DEFAULT_TRACKING
     # null: <folder of the sqlite file>/artifacts, or ./mlruns/artifacts for other URIs.
     artifact_location: Optional[str] = None
 

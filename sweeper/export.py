@@ -25,11 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sweeper.config import Config
+from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 from sweeper.errors import UserError
-
-DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
 
 
 class Exported(nn.Module):

@@ -18,10 +18,9 @@ import numpy as np
 
 from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
 from sweeper import repeats, stats
+from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING
 from sweeper.errors import UserError
 
-DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
 DROPOUT_BANDS = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.0))  # dropout confounds size: compare within
 
 
@@ -323,7 +322,7 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
           include_pruned: bool = False) -> Report:
     import optuna
 
-    from sweeper.study import CONFIG_ATTR
+    from sweeper.study import CONFIG_ATTR, IDENTITY_ATTR
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -334,8 +333,6 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
         raise UserError(f"--storage {storage}: {type(e).__name__}: {e}") from None
     rows, excluded = rows_of(study, include_pruned)
     cfg = study.user_attrs.get(CONFIG_ATTR, {})
-    from sweeper.study import IDENTITY_ATTR
-
     setup = {"data": study.user_attrs.get(IDENTITY_ATTR, {}).get("data", "?"),
              "n_trials": cfg.get("search", {}).get("n_trials"),
              "max_epochs": cfg.get("trainer", {}).get("max_epochs"),
@@ -363,15 +360,11 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
 def parent_run(tracking_uri: str, study_name: str) -> Any:
     from mlflow import MlflowClient
 
-    from sweeper.tracking import ROLE_TAG
+    from sweeper.tracking import find_parent
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(study_name)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
-                              max_results=1)
-    return runs[0] if runs else None
+    return None if exp is None else find_parent(client, exp.experiment_id)
 
 
 def main(argv: list[str] | None = None) -> int:

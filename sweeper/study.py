@@ -79,6 +79,11 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def storage_error(url: str, e: Exception) -> UserError:
+    return UserError(f"search.storage={url}: cannot open the Optuna storage "
+                     f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+
+
 def open_study(cfg: Config, splits: data.Splits) -> optuna.Study:
     s = cfg.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -91,8 +96,7 @@ def open_study(cfg: Config, splits: data.Splits) -> optuna.Study:
         study = optuna.create_study(study_name=s.study_name, storage=storage,
                                     direction="maximize", load_if_exists=True)
     except Exception as e:  # bad URL, missing driver, unreachable server, foreign database
-        raise UserError(f"search.storage={s.storage}: cannot open the Optuna storage "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise storage_error(s.storage, e) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise UserError(f"study {s.study_name!r} in {s.storage} minimizes its objective; sweeper "
                         "studies maximize validation accuracy: use another search.study_name")
@@ -138,8 +142,7 @@ def open_lock(cfg: Config) -> StudyLock:
         with lock():
             pass
     except Exception as e:  # unreachable server, bad credentials, missing driver
-        raise UserError(f"search.storage={cfg.search.storage}: cannot open the Optuna storage "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise storage_error(cfg.search.storage, e) from None
     return lock
 
 

@@ -44,6 +44,13 @@ def prepare_sqlite(uri: str, what: str) -> None:
                         f"choose a writable place with {what}=sqlite:///PATH/file.db") from None
 
 
+def find_parent(client: Any, experiment_id: str) -> Any:
+    """The study's parent run in its experiment (the oldest, should there ever be two), or None."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0] if runs else None
+
+
 class Tracker:
     """MLflow client for one study. The caller checks the store first (prepare_sqlite)."""
 
@@ -82,11 +89,9 @@ class Tracker:
 
     def open_parent(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """The study's parent run: reused when it exists (resume), created otherwise."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
-            order_by=["attributes.start_time ASC"], max_results=1)
-        if runs:
-            run_id = runs[0].info.run_id
+        found = find_parent(self.client, self.experiment_id)
+        if found is not None:
+            run_id = found.info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.experiment,

@@ -22,7 +22,7 @@ def server_bin() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -32,7 +32,7 @@ class Throwaway:
     def __init__(self, bin_dir: Path):
         self.bin = bin_dir
         self.dir = Path(tempfile.mkdtemp(prefix="sweeper-pg-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres")

@@ -5,7 +5,6 @@ run, and a killed worker's trial retried."""
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from optuna.trial import TrialState
 from sweeper import liveness
 from sweeper.study import RETRY_ATTR
 from sweeper.tracking import TRIAL_TAG
+from tests.postgres import free_port
 from tests.test_faults import Sweep
 from tests.test_study import runs
 
@@ -39,9 +39,7 @@ def stores(postgres_cluster, tmp_path) -> tuple[str, str, list[str]]:
 @contextlib.contextmanager
 def mlflow_server(backend: str, artifacts: Path) -> Iterator[str]:
     """`mlflow server` on a PostgreSQL backend store, as in README's "Scale out"."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(artifacts.parent / "mlflow-server.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
