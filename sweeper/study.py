@@ -37,7 +37,24 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
     """GridSampler calls Study.stop() when the grid is exhausted, which only works inside
-    optimize(); our ask/tell loop stops by itself at the grid size."""
+    optimize(); our ask/tell loop stops by itself at the grid size.
+
+    A retry of an interrupted trial is enqueued with fixed params, which GridSampler leaves
+    without a grid point: the point would count as never visited (and the failed original as
+    visited), so the grid would repeat one point and skip another. The retry takes over the
+    original's grid point instead."""
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retry_of = trial.user_attrs.get(RETRY_ATTR)
+        if retry_of is None or "grid_id" in trial.system_attrs:
+            super().before_trial(study, trial)
+            return
+        storage = study._storage
+        original = storage.get_trial(
+            storage.get_trial_id_from_study_id_trial_number(study._study_id, retry_of))
+        for key in ("search_space", "grid_id"):
+            if key in original.system_attrs:
+                storage.set_trial_system_attr(trial._trial_id, key, original.system_attrs[key])
 
     def after_trial(self, study, trial, state, values) -> None:
         pass
@@ -62,7 +79,9 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "grid":
-        return AskTellGridSampler(search_space.grid(s.space), seed=seed)
+        # The seed shuffles the grid, and grid ids index that order: every run and every worker
+        # of a study must see the same order, so the grid's seed is the study's.
+        return AskTellGridSampler(search_space.grid(s.space), seed=cfg.seed)
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import EPOCH_METRICS
-from sweeper import data
+from sweeper import data, training
 from sweeper.config import ParamSpec
 from sweeper.errors import UserError
 from sweeper.study import run_study
@@ -138,3 +138,24 @@ def test_grid_sampler_visits_the_grid(tiny_cfg):
     tiny_cfg.search.space = {"width": ParamSpec("int", low=16, high=48, step=16)}
     study = run_study(tiny_cfg)  # capped at the 3 grid points
     assert sorted(t.params["width"] for t in study.trials) == [16, 32, 48]
+
+
+def test_grid_interrupted_then_resumed_visits_each_point_once(tiny_cfg, monkeypatch):
+    tiny_cfg.trainer.max_epochs = 1
+    tiny_cfg.search.sampler, tiny_cfg.search.n_trials = "grid", 4
+    tiny_cfg.search.space = {"width": ParamSpec("int", low=16, high=64, step=16)}
+    fit, calls = training.fit, []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_cfg)
+    monkeypatch.setattr(training, "fit", fit)
+    study = run_study(tiny_cfg)  # a new process would resume the same way
+    done = [t.params["width"] for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(done) == [16, 32, 48, 64]
