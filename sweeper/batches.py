@@ -40,3 +40,29 @@ class ShuffledGroups:
         for g in range(0, len(starts), self.group):
             idx = [order[i:i + bs] for i in starts[g:g + self.group]]
             yield [(self.x[j], self.y[j]) for j in idx]
+
+
+class PopulationGroups:
+    """ShuffledGroups for a population: member i shuffles with its own seed (the same order its
+    solo trial would see) and each mini-batch is [N, B, ...], one slice per member."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, group: int,
+                 seeds: list[int]):
+        self.x, self.y, self.batch_size, self.group = x, y, batch_size, group
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def keep(self, rows: list[int]) -> None:
+        self.generators = [self.generators[r] for r in rows]
+
+    def __len__(self) -> int:
+        n_batches = -(-len(self.y) // self.batch_size)
+        return -(-n_batches // self.group)
+
+    def __iter__(self):
+        n, bs = len(self.y), self.batch_size
+        order = torch.stack([torch.randperm(n, generator=g) for g in self.generators])
+        order = order.to(self.x.device)
+        starts = range(0, n, bs)
+        for g in range(0, len(starts), self.group):
+            idx = [order[:, i:i + bs] for i in starts[g:g + self.group]]
+            yield [(self.x[j], self.y[j]) for j in idx]

@@ -12,7 +12,6 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from lightning_modules.classifier import Classifier
 from lightning_modules.models import Architecture, build_model
 from sweeper.config import Config
 from sweeper.data import Splits
@@ -31,11 +30,11 @@ def folder(cfg: Config) -> Path:
     return Path(base) / cfg.search.study_name
 
 
-def save(cfg: Config, number: int, module: Classifier, arch: Architecture, splits: Splits,
+def save(cfg: Config, number: int, net: torch.nn.Module, arch: Architecture, splits: Splits,
          metrics: dict[str, float]) -> Path:
     path = folder(cfg) / f"trial-{number:03d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {k: v.cpu() for k, v in module.net.state_dict().items()},
+    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                 "arch": asdict(arch), "in_shape": list(splits.in_shape),
                 "n_classes": splits.n_classes, "mean": splits.mean, "std": splits.std,
                 "data_source": splits.source, "trial": number, "metrics": metrics}, path)

@@ -108,6 +108,9 @@ class SearchConfig:
     heartbeat_grace_s: int = 60
     # name -> spec; `name: null` removes a parameter that the defaults put in the space.
     space: Dict[str, ParamSpec] = field(default_factory=dict)
+    # Trials trained together as one batched computation (model=mlp; see sweeper/population.py):
+    # N > 1 asks N trials at a time that share an architecture. 1: one trial at a time.
+    population: int = 1
     # Trials to run first when the study is new (e.g. a known baseline), as {param: value}.
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -225,6 +228,9 @@ def validate(cfg: Config) -> None:
     _one_of("search.sampler", s.sampler, SAMPLERS)
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)
+    _check(s.population >= 1, f"search.population={s.population} must be >= 1")
+    _check(s.population == 1 or cfg.model.family == "mlp",
+           f"search.population={s.population} works for model=mlp only")
     _check(s.max_consecutive_failures >= 1, "search.max_consecutive_failures must be >= 1")
     _check(s.keep_top_k >= 0, f"search.keep_top_k={s.keep_top_k} must be >= 0")
     _check(s.heartbeat_interval_s >= 1, "search.heartbeat_interval_s must be >= 1")

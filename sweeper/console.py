@@ -36,6 +36,13 @@ def epoch(number: int, ep: int, max_epochs: int, metrics: dict[str, float]) -> N
         sys.stderr.flush()
 
 
+def population_epoch(size: int, ep: int, max_epochs: int, best_val: float) -> None:
+    if LIVE:
+        sys.stderr.write(f"\r  population of {size}: epoch {ep}/{max_epochs}  "
+                         f"best val_acc {100 * best_val:.2f}%   ")
+        sys.stderr.flush()
+
+
 def clear_live() -> None:
     if LIVE:
         sys.stderr.write("\r" + " " * 60 + "\r")

@@ -67,21 +67,26 @@ def beat(study: optuna.Study, trial: optuna.Trial) -> None:
 
 
 class Heartbeat:
-    """Records the trial's heartbeat every `interval` seconds until stopped."""
+    """Records the heartbeat of the trial (or of each trial of a population) every `interval`
+    seconds until stopped."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float):
-        self.study, self.trial, self.interval = study, trial, interval
+    def __init__(self, study: optuna.Study, trial: optuna.Trial | list[optuna.Trial],
+                 interval: float):
+        self.study, self.interval = study, interval
+        self.trials = trial if isinstance(trial, list) else [trial]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper-heartbeat", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            with contextlib.suppress(Exception):  # a missed beat is harmless; the next retries
-                beat(self.study, self.trial)
+            for trial in self.trials:
+                with contextlib.suppress(Exception):  # a missed beat is harmless
+                    beat(self.study, trial)
 
     def __enter__(self) -> Heartbeat:
         if _enabled(self.study):
-            beat(self.study, self.trial)
+            for trial in self.trials:
+                beat(self.study, trial)
             self._thread.start()
         return self
 

@@ -17,10 +17,21 @@ import warnings
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
-from sweeper import checkpoints, console, data, liveness, repeats, search_space, training
+from lightning_modules.models import Architecture
+from sweeper import (
+    checkpoints,
+    console,
+    data,
+    liveness,
+    population,
+    repeats,
+    search_space,
+    training,
+)
 from sweeper.config import Config
 from sweeper.errors import UserError
 from sweeper.study_lock import StudyLock
@@ -212,11 +223,13 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                           "failed, its configuration queued again", flush=True)
                 # Running trials of other workers count: they will finish (or be retried).
                 elsewhere = n_running(study)
-                trial = study.ask() if n_finished(study) + elsewhere < target else None
-                if trial is not None:  # owned from the first moment: a beat, then the worker
+                room = min(target - n_finished(study) - elsewhere, s.population)
+                asked = [] if room <= 0 else (population.ask(study, cfg, room)
+                                              if s.population > 1 else [(study.ask(), {})])
+                for trial, _ in asked:  # owned from the first moment: a beat, then the worker
                     liveness.beat(study, trial)
                     trial.set_user_attr(liveness.WORKER_ATTR, liveness.this_worker())
-            if trial is None:
+            if not asked:
                 if not waiting:
                     print(f"waiting: the last {elsewhere} trial(s) are running in other workers",
                           flush=True)
@@ -224,13 +237,19 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                 time.sleep(WAIT_POLL_S)
                 continue
             waiting = False
-            frozen = run_trial(study, trial, cfg, splits, tracker, parent)
-            console.trial_line(frozen, n_finished(study), target)
-            failures = failures + 1 if frozen.state == TrialState.FAIL else 0
+            before = n_finished(study)
+            if s.population == 1:
+                frozen = [run_trial(study, asked[0][0], cfg, splits, tracker, parent)]
+            else:
+                frozen = population.run(study, asked, cfg, splits, tracker, parent)
+            for f in frozen:
+                before += f.state != TrialState.FAIL
+                console.trial_line(f, before, target)
+                failures = failures + 1 if f.state == TrialState.FAIL else 0
             if failures >= s.max_consecutive_failures:
                 status = "FAILED"
                 raise UserError(f"{failures} trials failed in a row (last: "
-                                f"{frozen.user_attrs.get('error', '?')}); stopping the sweep. "
+                                f"{frozen[-1].user_attrs.get('error', '?')}); stopping the sweep. "
                                 "Finished trials are kept; fix the cause and re-run to resume")
         repeats.run(study, cfg, splits, tracker, parent, lock)
     except KeyboardInterrupt:
@@ -294,6 +313,17 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
         raise KeyboardInterrupt from None
 
     history = module.history if module is not None else []
+    net = module.net if module is not None else None
+    arch = spec.arch if net is not None else None
+    return conclude(study, trial, cfg, splits, tracker, run_id, arch, history, net, pruned, error,
+                    time.perf_counter() - t0)
+
+
+def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: data.Splits,
+             tracker: Tracker, run_id: str | None, arch: Architecture | None,
+             history: list[dict[str, float]], net: torch.nn.Module | None, pruned: bool,
+             error: str | None, seconds: float) -> optuna.trial.FrozenTrial:
+    """Tell Optuna how the trial ended, keep its weights if it is among the best, end its run."""
     summary: dict[str, float] = {EPOCHS_RUN: len(history)}
     if history:
         best = max(range(len(history)), key=lambda i: history[i][VAL_ACC])
@@ -302,7 +332,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
             trial.set_user_attr(k, v)
     for k, v in summary.items():
         trial.set_user_attr(k, v)
-    trial.set_user_attr("seconds", time.perf_counter() - t0)
+    trial.set_user_attr("seconds", seconds)
     if error is None and not history:
         error = "no epoch finished"
     if error is not None:
@@ -315,8 +345,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
     else:
         value = history[-1][VAL_ACC] if cfg.search.objective == "final" else summary[BEST_VAL_ACC]
         # Weights first, so a kept trial always has its file; then drop those out of the top k.
-        assert module is not None
-        path = checkpoints.save(cfg, trial.number, module, spec.arch, splits, history[-1])
+        assert net is not None and arch is not None
+        path = checkpoints.save(cfg, trial.number, net, arch, splits, history[-1])
         trial.set_user_attr(checkpoints.CHECKPOINT_ATTR, str(path))
         study.tell(trial, value)
         checkpoints.keep_top_k(study, cfg.search.keep_top_k)

@@ -1,0 +1,235 @@
+"""Population training: N MLPs of one shape trained together as batched matrix products.
+
+Member i has its own weights (stacked along dim 0), learning rate, weight decay, dropout, seed,
+batch order and dropout masks; members never interact (the loss is a sum of per-member
+losses). One step of N members costs N small matmuls fused into one `bmm` per layer, which is
+what fills a GPU that one small MLP leaves idle.
+
+On CPU a member reproduces the solo trial (`Classifier` + `MLP`, same seed) op for op: the same
+initial weights, batch order, dropout masks (its own generator, continuing from the state the
+solo run has after building its net) and Adam/SGD arithmetic. On GPU the masks come from one
+batched draw (one kernel instead of N), so members are reproducible but not mask-identical to
+solo runs.
+"""
+
+import math
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.metrics import GAP, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+from lightning_modules.mlp import MLP
+
+
+class PopulationMLP(nn.Module):
+    """Weights of N MLPs of one shape, layer l stacked as [N, out, in] and [N, out]."""
+
+    def __init__(self, nets: Sequence[MLP], dropouts: Sequence[float]):
+        super().__init__()
+        linears = [[m for m in net.net if isinstance(m, nn.Linear)] for net in nets]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[j].weight.detach() for ls in linears]))
+            for j in range(len(linears[0])))
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[j].bias.detach() for ls in linears]))
+            for j in range(len(linears[0])))
+        self.p: torch.Tensor
+        self.register_buffer("p", torch.tensor(list(dropouts), dtype=torch.float32))
+        self.dropouts = list(dropouts)
+        # CPU: one generator per member (exact solo masks); set by the caller. GPU: one draw.
+        self.generators: list[torch.Generator] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dropouts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, B, ...], one batch per member -> logits [N, B, classes]."""
+        return self._layers(x.reshape(x.shape[0], x.shape[1], -1))
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, ...], the same batch for every member (evaluation) -> [N, B, classes]."""
+        return self._layers(x.reshape(1, x.shape[0], -1).expand(len(self), -1, -1))
+
+    def _layers(self, h: torch.Tensor) -> torch.Tensor:
+        last = len(self.weights) - 1
+        for j, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if j < last:
+                h = F.relu(h)
+                if self.training:
+                    h = self._dropout(h)
+        return h
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        if self.generators is not None:  # CPU: member i's masks exactly as nn.Dropout draws them
+            masks = []
+            for i, p in enumerate(self.dropouts):
+                if p > 0:
+                    noise = torch.empty_like(h[i]).bernoulli_(1 - p, generator=self.generators[i])
+                    masks.append(noise.div_(1 - p))
+                else:
+                    masks.append(torch.ones_like(h[i]))
+            return h * torch.stack(masks)
+        keep = 1 - self.p.view(-1, 1, 1)
+        return h * ((torch.rand_like(h) < keep) / keep)
+
+    def keep(self, idx: list[int]) -> None:
+        """Drop every member not in `idx` (pruned or diverged): later steps cost less."""
+        sel = torch.tensor(idx, device=self.p.device)
+        for plist in (self.weights, self.biases):
+            for j, prm in enumerate(plist):
+                plist[j] = nn.Parameter(prm.detach()[sel])
+        self.p = self.p[sel]
+        self.dropouts = [self.dropouts[i] for i in idx]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in idx]
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's weights under the keys of `MLP.state_dict()`."""
+        out: dict[str, torch.Tensor] = {}
+        layer = 1  # net.0 is Flatten; each hidden layer is Linear, ReLU[, Dropout]
+        for j, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            out[f"net.{layer}.weight"], out[f"net.{layer}.bias"] = w[i].detach(), b[i].detach()
+            if j < len(self.weights) - 1:
+                layer += 3 if self.dropouts[i] > 0 else 2
+        return out
+
+
+class StackedOptimizer:
+    """Adam / AdamW / SGD (momentum 0.9, Nesterov) over stacked parameters with one learning
+    rate and weight decay per member: torch.optim's single-tensor arithmetic, op for op, with
+    the per-member scalars broadcast along dim 0."""
+
+    def __init__(self, name: str, lrs: Sequence[float], weight_decays: Sequence[float],
+                 device: torch.device, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, momentum: float = 0.9):
+        if name not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {name!r}")
+        self.name, self.betas, self.eps, self.momentum = name, betas, eps, momentum
+        # float64, as torch.optim computes lr * schedule / bias correction in Python floats.
+        self.lr = torch.tensor(list(lrs), dtype=torch.float64, device=device)
+        self.wd = torch.tensor(list(weight_decays), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.state: list[list[torch.Tensor]] = []  # per parameter: [exp_avg, exp_avg_sq] | [buf]
+
+    def keep(self, idx: list[int]) -> None:
+        sel = torch.tensor(idx, device=self.lr.device)
+        self.lr, self.wd = self.lr[sel], self.wd[sel]
+        self.state = [[s[sel] for s in st] for st in self.state]
+
+    @staticmethod
+    def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, params: Sequence[torch.Tensor], factor: float = 1.0) -> None:
+        """One step; `factor` scales every member's lr (the schedule)."""
+        self.steps += 1
+        lr = self.lr * factor
+        b1, b2 = self.betas
+        if not self.state:
+            self.state = [[torch.zeros_like(p), torch.zeros_like(p)] if self.name != "sgd"
+                          else [] for p in params]
+        for p, st in zip(params, self.state, strict=True):
+            assert p.grad is not None
+            g, p.grad = p.grad, None
+            if self.name == "sgd":
+                g = g + self._col(self.wd, p) * p
+                if not st:
+                    st.append(g.clone())
+                else:
+                    st[0].mul_(self.momentum).add_(g)
+                g = g + self.momentum * st[0]
+                p.sub_(self._col(lr, p) * g)
+                continue
+            if self.name == "adamw":
+                p.mul_(self._col(1 - lr * self.wd, p))
+            else:
+                g = g + self._col(self.wd, p) * p
+            m, v = st
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+            denom = (v.sqrt() / bc2 ** 0.5).add_(self.eps)
+            p.add_(self._col(-(lr / bc1), p) * m / denom)
+
+
+class PopulationClassifier(pl.LightningModule):
+    """The population's LightningModule: `Classifier`'s loop (groups of mini-batches, one
+    optimizer step each; evaluation on the validation set and a train subset, dropout off)
+    with every quantity carrying a leading member dimension. `history[i]` is member i's
+    per-epoch metrics under the same names as a solo trial's."""
+
+    def __init__(self, net: PopulationMLP, optimizer: str, lrs: Sequence[float],
+                 weight_decays: Sequence[float], lr_schedule: str = "constant",
+                 total_steps: int = 0):
+        super().__init__()
+        self.net = net
+        self.optimizer_name = optimizer
+        self.lrs, self.weight_decays = list(lrs), list(weight_decays)
+        self.lr_schedule, self.total_steps, self.steps_done = lr_schedule, total_steps, 0
+        self.automatic_optimization = False
+        self.opt: StackedOptimizer | None = None
+        self.active = list(range(len(net)))  # original member index of each row still training
+        self.history: list[list[dict[str, float]]] = [[] for _ in range(len(net))]
+        self._sums = torch.zeros(2, len(net), 3)
+
+    def on_fit_start(self) -> None:
+        self.opt = StackedOptimizer(self.optimizer_name, self.lrs, self.weight_decays,
+                                    self.device)
+
+    def configure_optimizers(self):
+        return None  # StackedOptimizer: per-member lr and weight decay; made in on_fit_start
+
+    def training_step(self, batch, batch_idx):
+        assert self.opt is not None
+        for x, y in batch:  # x: [N, B, ...], y: [N, B]
+            factor = 1.0
+            if self.lr_schedule == "cosine":
+                progress = min(self.steps_done / max(self.total_steps, 1), 1.0)
+                factor = 0.5 * (1 + math.cos(math.pi * progress))
+            logits = self.net(x)
+            n, b = y.shape
+            # Sum of per-member mean losses: each member's gradient is its own loss's.
+            loss = F.cross_entropy(logits.reshape(n * b, -1), y.reshape(-1),
+                                   reduction="none").view(n, b).mean(1).sum()
+            self.manual_backward(loss)
+            self.opt.step(list(self.net.parameters()), factor)
+            self.steps_done += 1
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums = torch.zeros(2, len(self.net), 3, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        logits = self.net.forward_shared(x)  # [N, B, classes]
+        n, b = logits.shape[:2]
+        loss = F.cross_entropy(logits.reshape(n * b, -1), y.repeat(n),
+                               reduction="none").view(n, b).sum(1)
+        correct = (logits.argmax(2) == y).sum(1)
+        count = torch.full_like(loss, len(y), dtype=torch.float64)
+        self._sums[dataloader_idx] += torch.stack([loss.double(), correct.double(), count], 1)
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._sums.tolist()  # one device->host sync per epoch
+        for row, member in enumerate(self.active):
+            (vl, vc, vn), (tl, tc, tn) = sums[0][row], sums[1][row]
+            m = {VAL_LOSS: vl / vn, VAL_ACC: vc / vn}
+            if tn > 0:
+                m |= {TRAIN_LOSS: tl / tn, TRAIN_ACC: tc / tn}
+                m[GAP] = m[TRAIN_ACC] - m[VAL_ACC]
+            self.history[member].append(m)
+
+    def stop(self, members: set[int]) -> list[int]:
+        """Stop training the given (original) members; the rest go on, faster. Returns the
+        rows kept (for the loader's per-member generators)."""
+        rows = [r for r, m in enumerate(self.active) if m not in members]
+        self.active = [self.active[r] for r in rows]
+        if rows:
+            self.net.keep(rows)
+            if self.opt is not None:
+                self.opt.keep(rows)
+        return rows
