@@ -12,3 +12,6 @@ EPOCH_METRICS = (TRAIN_LOSS, VAL_LOSS, TRAIN_ACC, VAL_ACC, GAP)
 BEST_VAL_ACC = "best_val_acc"
 BEST_EPOCH = "best_epoch"
 EPOCHS_RUN = "epochs_run"
+
+# Accuracy on the source's test set: measured once, for the configurations a study confirms.
+TEST_ACC = "test_acc"

@@ -2,6 +2,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_modules.dropout import FastDropout
+
 
 class MLP(nn.Module):
     """Flatten -> [Linear -> ReLU -> Dropout] per hidden layer -> Linear (logits)."""
@@ -13,7 +15,7 @@ class MLP(nn.Module):
         for width in hidden:
             layers += [nn.Linear(prev, width), nn.ReLU()]
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(FastDropout(dropout))
             prev = width
         layers.append(nn.Linear(prev, n_classes))
         self.net = nn.Sequential(*layers)

@@ -12,7 +12,6 @@ batched draw (one kernel instead of N), so members are reproducible but not mask
 solo runs.
 """
 
-import math
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -20,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules import dropout
 from lightning_modules.metrics import GAP, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 from lightning_modules.mlp import MLP
+from lightning_modules.schedules import lr_factor
 
 
 class PopulationMLP(nn.Module):
@@ -64,14 +65,9 @@ class PopulationMLP(nn.Module):
         return h
 
     def _dropout(self, h: torch.Tensor) -> torch.Tensor:
-        if self.generators is not None:  # CPU: member i's masks exactly as nn.Dropout draws them
-            masks = []
-            for i, p in enumerate(self.dropouts):
-                if p > 0:
-                    noise = torch.empty_like(h[i]).bernoulli_(1 - p, generator=self.generators[i])
-                    masks.append(noise.div_(1 - p))
-                else:
-                    masks.append(torch.ones_like(h[i]))
+        if self.generators is not None:  # CPU: member i's masks exactly as FastDropout draws
+            masks = [dropout.mask(h.shape[1:], p, self.generators[i], h.dtype) if p > 0
+                     else torch.ones_like(h[i]) for i, p in enumerate(self.dropouts)]
             return h * torch.stack(masks)
         keep = 1 - self.p.view(-1, 1, 1)
         return h * ((torch.rand_like(h) < keep) / keep)
@@ -187,10 +183,7 @@ class PopulationClassifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         assert self.opt is not None
         for x, y in batch:  # x: [N, B, ...], y: [N, B]
-            factor = 1.0
-            if self.lr_schedule == "cosine":
-                progress = min(self.steps_done / max(self.total_steps, 1), 1.0)
-                factor = 0.5 * (1 + math.cos(math.pi * progress))
+            factor = lr_factor(self.lr_schedule, self.steps_done / max(self.total_steps, 1))
             logits = self.net(x)
             n, b = y.shape
             # Sum of per-member mean losses: each member's gradient is its own loss's.

@@ -55,8 +55,7 @@ def load(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise UserError(f"{path}: checkpoint not found (only the top search.keep_top_k trials "
                         "keep their weights; export --refit retrains any trial)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    arch = Architecture(ckpt["arch"]["family"], tuple(ckpt["arch"]["hidden"]),
-                        ckpt["arch"]["dropout"])
+    arch = Architecture(**(ckpt["arch"] | {"hidden": tuple(ckpt["arch"]["hidden"])}))
     net = build_model(arch, ckpt["in_shape"], ckpt["n_classes"])
     net.load_state_dict(ckpt["state_dict"])
     return net.eval(), ckpt

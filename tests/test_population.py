@@ -1,4 +1,4 @@
-"""search.population: trials of one shape trained together must train exactly as they would alone."""
+"""search.population: trials of one shape trained together train exactly as they would alone."""
 
 import dataclasses
 from pathlib import Path
@@ -97,5 +97,8 @@ def test_population_is_for_mlps_only():
     cfg = Config()
     cfg.search.space = {"width": ParamSpec("int", low=16, high=32)}
     cfg.search.population = 0
-    with pytest.raises(UserError, match="search.population=0 must be >= 1"):
+    with pytest.raises(UserError, match=r"search.population=0 must be >= 1"):
+        validate(cfg)
+    cfg.search.population, cfg.model.family = 4, "cnn"
+    with pytest.raises(UserError, match=r"works for model=mlp without augmentation"):
         validate(cfg)

@@ -1,0 +1,152 @@
+"""CNN and ResNet families, batched augmentation, lr schedules."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_modules.augment import BatchAugment
+from lightning_modules.models import Architecture, build_model, count_params
+from lightning_modules.schedules import lr_factor
+from sweeper import data, training
+from sweeper.config import Config, DataConfig
+
+IN = (1, 28, 28)
+
+
+def cnn_params(channels: tuple[int, ...], k: int, bn: bool) -> int:
+    total, c, side, pools = 0, 1, 28, 0
+    for i, c_out in enumerate(channels):
+        total += c * c_out * k * k + (2 * c_out if bn else c_out)
+        c = c_out
+        if (i % 2 == 1 or i == len(channels) - 1) and pools < 3:
+            side, pools = side // 2, pools + 1
+    return total + c * side * side * 10 + 10
+
+
+def resnet_params(w: int, blocks: int) -> int:
+    total, c = 9 * w + 2 * w, w  # stem
+    for s, width in enumerate((w, 2 * w, 4 * w)):
+        for b in range(blocks):
+            total += 9 * c * width + 2 * width + 9 * width * width + 2 * width
+            if s > 0 and b == 0:
+                total += c * width + 2 * width  # 1x1 projection
+            c = width
+    return total + c * 10 + 10
+
+
+@pytest.mark.parametrize("channels,k,bn", [((8,), 3, True), ((16, 16), 5, False),
+                                           ((8, 8, 16, 16, 32), 3, True)])
+def test_cnn_shape_and_parameter_count(channels, k, bn):
+    net = build_model(Architecture("cnn", channels, 0.3, kernel=k, batch_norm=bn), IN, 10)
+    assert net(torch.zeros(3, *IN)).shape == (3, 10)
+    assert count_params(net) == cnn_params(channels, k, bn)
+
+
+@pytest.mark.parametrize("w,blocks", [(4, 1), (8, 2), (16, 1)])
+def test_resnet_shape_and_parameter_count(w, blocks):
+    net = build_model(Architecture("resnet", (w, 2 * w, 4 * w), 0.1, blocks=blocks), IN, 10)
+    assert net(torch.zeros(2, *IN)).shape == (2, 10)
+    assert count_params(net) == resnet_params(w, blocks)
+
+
+def test_resolve_builds_each_family_from_config():
+    cfg = Config()
+    cfg.model.family, cfg.model.depth, cfg.model.width = "cnn", 5, 8
+    spec = training.resolve(cfg, {"channel_mult": 1.5, "kernel": 5}, 0)
+    assert spec.arch.hidden == (8, 8, 12, 12, 18) and spec.arch.kernel == 5
+    cfg.model.family = "resnet"
+    spec = training.resolve(cfg, {"depth": 2, "width": 16}, 0)
+    assert spec.arch.hidden == (16, 32, 64) and spec.arch.blocks == 2
+    assert spec.mlflow_params()["depth"] == 2 and spec.mlflow_params()["channels"] == "16-32-64"
+
+
+def test_augmentation_keeps_shape_dtype_and_order_and_is_seeded():
+    x = torch.from_numpy(data.load(DataConfig(name="mnist_sample")).images[:16]).float()
+    x = x.div(255).unsqueeze(1)
+    identity = BatchAugment(rotate=0, translate=0, scale=0, seed=0)
+    assert torch.allclose(identity(x), x, atol=1e-5)  # no hidden reshuffle of the batch
+    aug = BatchAugment(rotate=10, translate=0.1, scale=0.1, elastic_alpha=34, seed=3)
+    out = aug(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert not torch.allclose(out, x, atol=1e-3)
+    # Image i is still image i (labels stay aligned): a square of intensity i/16 per image
+    # still covers the centre after rotation, shift, zoom and elastic distortion.
+    squares = torch.zeros(16, 1, 28, 28)
+    for i in range(16):
+        squares[i, :, 6:22, 6:22] = (i + 1) / 16
+    centre = aug(squares)[:, 0, 13:15, 13:15].mean((1, 2))
+    assert torch.allclose(centre, torch.arange(1, 17) / 16, atol=1e-4)
+    again = BatchAugment(rotate=10, translate=0.1, scale=0.1, elastic_alpha=34, seed=3)
+    assert torch.equal(again(x), out)
+    other = BatchAugment(rotate=10, translate=0.1, scale=0.1, elastic_alpha=34, seed=4)
+    assert not torch.equal(other(x), out)
+
+
+def test_augmentation_is_applied_to_training_batches_only():
+    splits = data.make_splits(data.load(DataConfig(name="mnist_sample")), 1000, 0,
+                              torch.device("cpu"))
+    cfg = Config()
+    cfg.model.family, cfg.model.depth, cfg.model.width = "cnn", 2, 4
+    cfg.augment.name = "affine"
+    cfg.trainer.max_epochs, cfg.trainer.batch_size = 1, 200
+    spec = training.resolve(cfg, {}, 0)
+    module = training.build(spec, splits)
+    assert module.augment is not None
+    seen: list[int] = []
+    real = module.augment.__call__
+    module.augment = lambda x: (seen.append(len(x)), real(x))[1]  # type: ignore[assignment]
+    training.fit(module, spec, splits, lambda epoch, m: False)
+    assert seen == [200] * 20  # 4,000 training images; no validation batch went through it
+
+
+def test_schedules():
+    assert lr_factor("constant", 0.7) == 1.0
+    assert lr_factor("cosine", 0.0) == 1.0 and lr_factor("cosine", 1.0) == pytest.approx(0)
+    assert lr_factor("onecycle", 0.0) == pytest.approx(1 / 25)
+    assert lr_factor("onecycle", 0.3) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 1.0) == pytest.approx(1 / 25e4)
+    xs = [lr_factor("onecycle", i / 100) for i in range(101)]
+    assert xs.index(max(xs)) == 30 and all(math.isfinite(v) for v in xs)
+
+
+@pytest.mark.parametrize("family", ["cnn", "resnet"])
+def test_family_study_end_to_end_then_export(tiny_cfg, tmp_path, family):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import optuna
+
+    from sweeper import checkpoints, export
+    from sweeper.config import ParamSpec
+    from sweeper.study import run_study
+    from tests.test_export import STANDALONE
+
+    tiny_cfg.model.family = family
+    tiny_cfg.augment.name = "affine" if family == "cnn" else "elastic"
+    tiny_cfg.trainer.max_epochs, tiny_cfg.trainer.lr_schedule = 1, "onecycle"
+    tiny_cfg.trainer.label_smoothing = 0.1
+    tiny_cfg.search.pruner = "none"
+    tiny_cfg.search.space = {"depth": ParamSpec("int", low=1, high=2),
+                             "width": ParamSpec("int", low=4, high=8)}
+    study = run_study(tiny_cfg)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in study.trials:
+        spec = training.resolve(tiny_cfg, t.params, t.number)
+        assert t.user_attrs["n_params"] == count_params(build_model(spec.arch, IN, 10))
+    assert study.best_value > 0.2  # 1 epoch on 4,000 images: it learns something
+    out = tmp_path / "out"
+    assert export.main(["--study", "tiny", "--out", str(out), "--storage",
+                        tiny_cfg.search.storage, "--tracking-uri", tiny_cfg.tracking.uri]) == 0
+    net, ckpt = checkpoints.load(Path(study.best_trial.user_attrs[checkpoints.CHECKPOINT_ATTR]))
+    model = export.Exported(net, ckpt["mean"], ckpt["std"]).eval()
+    x = torch.rand(8, 1, 28, 28)
+    np.save(tmp_path / "x.npy", x.numpy())
+    subprocess.run([sys.executable, "-c", STANDALONE, str(out), str(tmp_path / "x.npy"),
+                    str(tmp_path / "y.npy")], check=True, cwd=tmp_path)
+    script, onnx = np.load(tmp_path / "y.npy")
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(script - want).max() < 1e-4 and np.abs(onnx - want).max() < 1e-4
