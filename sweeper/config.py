@@ -27,7 +27,8 @@ DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # also the default of export/rep
 DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"  # Optuna storages whose study lock we implement
 
 # Where a searched parameter lands: model architecture or training recipe.
-MODEL_PARAMS = ("depth", "width", "dropout", "kernel", "channel_mult", "batch_norm")
+MODEL_PARAMS = ("family", "size", "depth", "width", "dropout", "kernel", "channel_mult",
+                "batch_norm")
 TRAINER_PARAMS = ("lr", "batch_size", "weight_decay", "label_smoothing")
 SEARCHABLE = MODEL_PARAMS + TRAINER_PARAMS
 
@@ -74,6 +75,8 @@ class ModelConfig:
     kernel: int = 3  # cnn
     channel_mult: float = 2.0  # cnn: channels grow by this factor every second block
     batch_norm: bool = True  # cnn
+    # When `family` is searched: each family's depth (families not listed use `depth`).
+    depth_by_family: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -261,9 +264,15 @@ def validate(cfg: Config) -> None:
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)
     _check(s.population >= 1, f"search.population={s.population} must be >= 1")
+    _check(not ("size" in s.space and "width" in s.space),
+           "search.space: size and width both set the width; search one of them (width: null)")
+    for fam, d in cfg.model.depth_by_family.items():
+        _one_of("model.depth_by_family", fam, MODEL_FAMILIES)
+        _check(d >= 1, f"model.depth_by_family.{fam}={d} must be >= 1")
     _check(s.population == 1 or (cfg.model.family == "mlp" and cfg.augment.name == "none"
                                  and cfg.trainer.label_smoothing == 0
-                                 and "label_smoothing" not in s.space),
+                                 and "label_smoothing" not in s.space
+                                 and "family" not in s.space),
            f"search.population={s.population} works for model=mlp without augmentation or "
            "label smoothing")
     _check(s.max_consecutive_failures >= 1, "search.max_consecutive_failures must be >= 1")
@@ -320,6 +329,8 @@ def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
         "dropout": (lambda v: number(v) and 0 <= v < 1, "dropout must be in [0, 1)"),
         "lr": (lambda v: number(v) and v > 0, "lr must be > 0"),
         "weight_decay": (lambda v: number(v) and v >= 0, "weight_decay must be >= 0"),
+        "family": (lambda v: v in MODEL_FAMILIES, f"family must be one of {MODEL_FAMILIES}"),
+        "size": (lambda v: isinstance(v, int) and v >= 100, "size (parameters) must be >= 100"),
         "kernel": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1,
                    "kernel must be an odd integer >= 1"),
         "channel_mult": (lambda v: number(v) and v > 0, "channel_mult must be > 0"),

@@ -38,6 +38,7 @@ class Row:
     val_acc: float
     gap: float
     run_id: str | None = None
+    family: str = "mlp"
     curves: dict[str, list[float]] = field(default_factory=dict)
     # With seed repeats: final metrics of every seed (the trial's own first); the statistics and
     # figures then use the mean over seeds, with the standard deviation as error bars.
@@ -75,14 +76,17 @@ def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
         a, p = t.user_attrs, t.params
         if VAL_ACC not in a or "n_params" not in a:
             continue
-        depth = int(p.get("depth", model.get("depth", 0)))
+        family = str(p.get("family", model.get("family", "mlp")))
+        depth = int(p.get("depth", model.get("depth_by_family", {}).get(
+            family, model.get("depth", 0))))
         widths = [v for k, v in p.items() if k.startswith("width_")] or [
-            p.get("width", model.get("width", 0))]
+            a.get("width", p.get("width", model.get("width", 0)))]
         rows.append(Row(t.number, t.state.name, depth, int(max(widths)),
                         float(p.get("dropout", model.get("dropout", 0.0))),
                         float(p.get("lr", trainer.get("lr", 0.0))), int(a["n_params"]),
                         int(a.get("epochs_run", 0)), float(a[TRAIN_ACC]), float(a[VAL_ACC]),
-                        float(a[GAP]), a.get("mlflow_run_id")))
+                        float(a[GAP]), a.get("mlflow_run_id"),
+                        family))
     seeds = repeats.results(study)
     for r in rows:
         r.seeds = seeds.get(r.number, [])
@@ -104,6 +108,7 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
     text = verdict(size_gap, size_val, bands, len(rows))
     if (d := dip(rows)) is not None:
         text += d
+    text += families(rows)
     return Report(study_name, rows, setup, size_gap, size_val, bands, text, excluded_pruned)
 
 
@@ -120,6 +125,42 @@ def dip(rows: list[Row], points: float = 0.01) -> str | None:
                     f" (train {100 * rows[j].mean_std(TRAIN_ACC)[0]:.2f}%), then climbs above "
                     "it again with size: a double-descent shape.")
     return None
+
+
+def families(rows: list[Row]) -> str:
+    """With several model families in one study: compare them at equal size (parameter counts
+    in the same quarter-decade), pair by pair, on validation accuracy and on the gap."""
+    names = sorted({r.family for r in rows})
+    if len(names) < 2:
+        return ""
+
+    def size_bin(r: Row) -> int:
+        return round(4 * math.log10(r.n_params))
+
+    cells: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        cells.setdefault((r.family, size_bin(r)), []).append(r)
+
+    def mean(rs: list[Row], metric: str) -> float:
+        return float(np.mean([r.mean_std(metric)[0] for r in rs]))
+
+    overall = {f: mean([r for r in rows if r.family == f], VAL_ACC) for f in names}
+    order = sorted(names, key=lambda f: -overall[f])
+    parts = []
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            shared = sorted({k for f, k in cells if f == a} & {k for f, k in cells if f == b})
+            if not shared:
+                continue
+            dv = [mean(cells[a, k], VAL_ACC) - mean(cells[b, k], VAL_ACC) for k in shared]
+            dg = [mean(cells[a, k], GAP) - mean(cells[b, k], GAP) for k in shared]
+            parts.append(f"{a} vs {b}: higher validation accuracy at {sum(d > 0 for d in dv)} "
+                         f"of {len(shared)} matched sizes (mean {100 * np.mean(dv):+.2f} "
+                         f"points), gap {100 * np.mean(dg):+.2f} points")
+    if not parts:
+        return " The families share no size range: they cannot be compared at equal size."
+    return (" At equal size (parameter counts in the same quarter-decade): " + "; ".join(parts)
+            + ".")
 
 
 def verdict(size_gap: stats.Correlation, size_val: stats.Correlation,
@@ -162,7 +203,10 @@ def fetch_curves(rows: list[Row], tracking_uri: str) -> None:
 def table(rows: list[Row]) -> str:
     head = "| trial | depth | width | dropout | lr | n_params | epochs | train % | val % | gap % |"
     with_test = any(TEST_ACC in s for r in rows for s in r.seeds)
-    lines = [head + (" test % |" if with_test else ""), "|" + " --- |" * (10 + with_test)]
+    with_family = len({r.family for r in rows}) > 1
+    head = ("| family " if with_family else "") + head
+    lines = [head + (" test % |" if with_test else ""),
+             "|" + " --- |" * (10 + with_test + with_family)]
     for r in rows:
         cells = []
         for m, sign in ((TRAIN_ACC, ""), (VAL_ACC, ""), (GAP, "+")):
@@ -174,7 +218,8 @@ def table(rows: list[Row]) -> str:
             mean, std = repeats.mean_std(tests) if tests else (math.nan, 0.0)
             cells.append("-" if not tests else f"{100 * mean:.2f}" + (
                 f" ± {100 * std:.2f} ({len(tests)} seeds)" if len(tests) > 1 else ""))
-        lines.append(f"| {r.number} | {r.depth} | {r.width} | {r.dropout:.2f} | {r.lr:.2g} | "
+        lines.append(("| " + r.family + " " if with_family else "")
+                     + f"| {r.number} | {r.depth} | {r.width} | {r.dropout:.2f} | {r.lr:.2g} | "
                      f"{r.n_params:,} | {r.epochs} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -190,13 +235,21 @@ def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
     rows = rep.rows
     size = np.array([r.n_params for r in rows])
     depth = np.array([r.depth for r in rows])
+    family = np.array([r.family for r in rows])
+    kinds = sorted(set(family.tolist()))
 
     def scatter(name: str, x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str,
                 logx: bool, caption: str, yerr: np.ndarray | None = None) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         if yerr is not None and yerr.any():  # seed repeats: mean ± std
             ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor="0.4", capsize=3, zorder=1)
-        if len(set(depth.tolist())) > 1:
+        if len(kinds) > 1:  # several model families: one colour each
+            for k, fam in enumerate(kinds):
+                i = family == fam
+                ax.scatter(x[i], y[i], color=f"C{k}", edgecolors="k", linewidths=0.3,
+                           zorder=2, label=fam)
+            ax.legend()
+        elif len(set(depth.tolist())) > 1:
             sc = ax.scatter(x, y, c=depth, cmap="viridis", edgecolors="k", linewidths=0.3,
                             zorder=2)
             fig.colorbar(sc, ax=ax, label="depth")
@@ -228,6 +281,9 @@ def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
     bins = sorted({wbin(r) for r in rows})
     depths = sorted({r.depth for r in rows})
     for metric, name in ((VAL_ACC, "heatmap_val.png"), (GAP, "heatmap_gap.png")):
+        if len(kinds) > 1:
+            made[name] = "skipped: depth and width mean different things in each model family"
+            continue
         total = np.zeros((len(depths), len(bins)))
         count = np.zeros_like(total)
         for r in rows:

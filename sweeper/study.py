@@ -303,6 +303,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
                                          {DATA_TAG: splits.source})
             trial.set_user_attr("n_params", n_params)
             trial.set_user_attr("mlflow_run_id", run_id)
+            if "size" in params:  # the width that `size` picked, for the report
+                trial.set_user_attr("width", spec.arch.hidden[0])
             training.fit(module, spec, splits, on_epoch)
     except Exception as e:  # this trial fails (bad config, out of memory, ...); the study goes on
         error = " ".join(f"{type(e).__name__}: {e}".split())[:300]

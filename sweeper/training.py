@@ -85,24 +85,33 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 def resolve(cfg: Config, params: dict[str, Any], number: int) -> TrialSpec:
     m = cfg.model
-    depth = int(params.get("depth", m.depth))
-    width = int(params.get("width", m.width))
-    blocks = 1
-    if m.family == "cnn":  # channels grow by channel_mult every second block
-        mult = float(params.get("channel_mult", m.channel_mult))
-        hidden = tuple(max(1, round(width * mult ** (i // 2))) for i in range(depth))
-    elif m.family == "resnet":  # three stages (28, 14, 7 pixels), width doubling
-        hidden, blocks = (width, 2 * width, 4 * width), depth
-    elif "width_0" in params:
-        hidden = tuple(int(params[f"width_{i}"]) for i in range(depth))
+    family = str(params.get("family", m.family))
+    depth = int(params.get("depth", m.depth_by_family.get(family, m.depth)))
+    kernel = int(params.get("kernel", m.kernel))
+    batch_norm = bool(params.get("batch_norm", m.batch_norm))
+    mult = float(params.get("channel_mult", m.channel_mult))
+    dropout = float(params.get("dropout", m.dropout))
+
+    def arch(width: int) -> Architecture:
+        blocks = 1
+        if family == "cnn":  # channels grow by channel_mult every second block
+            hidden = tuple(max(1, round(width * mult ** (i // 2))) for i in range(depth))
+        elif family == "resnet":  # three stages (28, 14, 7 pixels), width doubling
+            hidden, blocks = (width, 2 * width, 4 * width), depth
+        elif "width_0" in params:
+            hidden = tuple(int(params[f"width_{i}"]) for i in range(depth))
+        else:
+            hidden = (width,) * depth
+        return Architecture(family, hidden, dropout, kernel=kernel, batch_norm=batch_norm,
+                            blocks=blocks)
+
+    if "size" in params:  # matched sizes across families: the width closest to the target
+        chosen = width_for_size(arch, int(params["size"]))
     else:
-        hidden = (width,) * depth
+        chosen = arch(int(params.get("width", m.width)))
     t = cfg.trainer
     return TrialSpec(
-        arch=Architecture(m.family, hidden, float(params.get("dropout", m.dropout)),
-                          kernel=int(params.get("kernel", m.kernel)),
-                          batch_norm=bool(params.get("batch_norm", m.batch_norm)),
-                          blocks=blocks),
+        arch=chosen,
         label_smoothing=float(params.get("label_smoothing", t.label_smoothing)),
         augment=cfg.augment if cfg.augment.name != "none" else None,
         optimizer=t.optimizer, lr_schedule=t.lr_schedule, lr=float(params.get("lr", t.lr)),
@@ -111,6 +120,23 @@ def resolve(cfg: Config, params: dict[str, Any], number: int) -> TrialSpec:
         eval_batch_size=t.eval_batch_size, steps_per_execution=t.steps_per_execution,
         max_epochs=t.max_epochs,
         seed=trial_seed(cfg.seed, number))
+
+
+def width_for_size(arch: Callable[[int], Architecture], target: int) -> Architecture:
+    """The architecture whose parameter count is closest to `target` (28x28 grey images, 10
+    classes: every source here). Counted on the meta device: no memory, microseconds."""
+    def size(width: int) -> int:
+        with torch.device("meta"):
+            return count_params(build_model(arch(width), (1, 28, 28), 10))
+
+    lo, hi = 1, 1
+    while size(hi) < target and hi < 1 << 16:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # size(lo) < target <= size(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) < target else (lo, mid)
+    best = min((lo, hi), key=lambda w: abs(size(w) - target))
+    return arch(best)
 
 
 def accelerator(name: str) -> torch.device:
@@ -140,6 +166,10 @@ def make_augment(a: AugmentConfig | None, seed: int) -> BatchAugment | None:
 def build(spec: TrialSpec, splits: Splits) -> Classifier:
     pl.seed_everything(spec.seed, verbose=False)
     net = build_model(spec.arch, splits.in_shape, splits.n_classes)
+    if spec.arch.family != "mlp":
+        # NHWC weights make convolutions run channels-last: 1.35x faster per CPU step here
+        # (147 vs 198 ms for the cnn_best network, batch 128, one thread).
+        net = net.to(memory_format=torch.channels_last)
     total_steps = spec.max_epochs * -(-len(splits.y_train) // spec.batch_size)
     return Classifier(net, spec.optimizer, spec.lr, spec.weight_decay, spec.lr_schedule,
                       total_steps, spec.label_smoothing, make_augment(spec.augment, spec.seed))

@@ -150,3 +150,64 @@ def test_family_study_end_to_end_then_export(tiny_cfg, tmp_path, family):
     with torch.no_grad():
         want = model(x).numpy()
     assert np.abs(script - want).max() < 1e-4 and np.abs(onnx - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("size", [10_000, 100_000, 1_000_000])
+def test_size_picks_the_width_with_the_closest_parameter_count(family, size):
+    cfg = Config()
+    cfg.model.depth_by_family = {"mlp": 2, "cnn": 4, "resnet": 1}
+    spec = training.resolve(cfg, {"family": family, "size": size}, 0)
+    n = count_params(build_model(spec.arch, IN, 10))
+    assert spec.arch.family == family
+    assert abs(n - size) / size < (0.05 if size > 10_000 else 0.2), (n, spec.arch.hidden)
+    for delta in (-1, 1):  # no neighbouring width comes closer
+        other = dataclass_replace_width(spec.arch, delta)
+        assert abs(count_params(build_model(other, IN, 10)) - size) >= abs(n - size)
+
+
+def dataclass_replace_width(arch: Architecture, delta: int) -> Architecture:
+    import dataclasses
+
+    scale = (arch.hidden[0] + delta) / arch.hidden[0]
+    return dataclasses.replace(arch, hidden=tuple(round(h * scale) for h in arch.hidden))
+
+
+def test_report_compares_families_at_equal_size():
+    from sweeper.report import Row, families
+
+    def row(family: str, n: int, val: float, gap: float) -> Row:
+        return Row(0, "COMPLETE", 2, 8, 0.2, 1e-3, n, 10, val + gap, val, gap, family=family)
+
+    rows = [row("mlp", 10_000, 0.95, 0.02), row("cnn", 10_500, 0.98, 0.01),
+            row("mlp", 100_000, 0.97, 0.02), row("cnn", 98_000, 0.99, 0.005),
+            row("resnet", 3_000_000, 0.99, 0.0)]
+    text = families(rows)
+    assert "cnn vs mlp: higher validation accuracy at 2 of 2 matched sizes (mean +2.50 " in text
+    assert "gap -1.25 points" in text
+    assert "resnet vs" not in text  # no size in common with the others
+    assert families([r for r in rows if r.family == "mlp"]) == ""
+
+
+def test_family_by_size_study_and_its_report(tiny_cfg, tmp_path):
+    from sweeper import report
+    from sweeper.config import ParamSpec
+    from sweeper.study import run_study
+
+    tiny_cfg.model.depth_by_family = {"mlp": 1, "cnn": 2}
+    tiny_cfg.trainer.max_epochs = 1
+    tiny_cfg.search.sampler, tiny_cfg.search.pruner, tiny_cfg.search.n_trials = "grid", "none", 4
+    tiny_cfg.search.space = {"family": ParamSpec("categorical", choices=["mlp", "cnn"]),
+                             "size": ParamSpec("categorical", choices=[4000, 12000])}
+    study = run_study(tiny_cfg)
+    got = sorted((t.params["family"], t.params["size"]) for t in study.trials)
+    assert got == [("cnn", 4000), ("cnn", 12000), ("mlp", 4000), ("mlp", 12000)]
+    for t in study.trials:  # each family got the width closest to the asked size
+        assert abs(t.user_attrs["n_params"] - t.params["size"]) / t.params["size"] < 0.25
+    out = tmp_path / "report"
+    assert report.main(["--study", "tiny", "--storage", tiny_cfg.search.storage,
+                        "--tracking-uri", tiny_cfg.tracking.uri, "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "At equal size" in md and "matched sizes" in md
+    assert "| family | trial |" in md
+    assert "heatmap_val.png: skipped" in md
