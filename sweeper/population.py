@@ -27,7 +27,7 @@ from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.tracking import DATA_TAG, Tracker
 
-SHARED = ("depth", "width", "batch_size")  # params every member of a population shares
+SHARED = ("depth", "width", "size", "batch_size")  # params every member of a population shares
 
 
 def shared_params(params: dict[str, Any]) -> dict[str, Any]:

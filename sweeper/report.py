@@ -106,8 +106,10 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
             bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
                           stats.correlation(size[i], val[i])))
     text = verdict(size_gap, size_val, bands, len(rows))
-    if (d := dip(rows)) is not None:
-        text += d
+    kinds = sorted({r.family for r in rows})
+    for fam in kinds:  # a dip across families would only show that families differ
+        if (d := dip([r for r in rows if r.family == fam])) is not None:
+            text += d if len(kinds) == 1 else f" ({fam})" + d
     text += families(rows)
     return Report(study_name, rows, setup, size_gap, size_val, bands, text, excluded_pruned)
 

@@ -212,6 +212,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")
     status, failures, waiting = "FINISHED", 0, False
+    asked: list[tuple[optuna.Trial, dict[str, Any]]] = []
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # signal handlers can only be set from the main thread
         previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -254,6 +255,12 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         repeats.run(study, cfg, splits, tracker, parent, lock)
     except KeyboardInterrupt:
         status = "KILLED"
+        # An interrupt between ask and the trial's own handler (e.g. while the lock is
+        # released) would leave a trial RUNNING: fail and re-queue whatever this worker holds.
+        me, numbers = liveness.this_worker(), {t.number for t, _ in asked}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get(liveness.WORKER_ATTR) == me or t.number in numbers:
+                interrupted(study, t, tracker, t.user_attrs.get("mlflow_run_id"))
         console.clear_live()
         print(f"\ninterrupted: {n_finished(study)}/{target} trials finished and saved; the "
               "running trial is marked failed and will run again first; run the same command "
@@ -358,15 +365,15 @@ def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: data
     return study.get_trials(deepcopy=False)[trial.number]
 
 
-def interrupted(study: optuna.Study, trial: optuna.Trial, tracker: Tracker,
-                run_id: str | None) -> None:
+def interrupted(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial,
+                tracker: Tracker, run_id: str | None) -> None:
     """Ctrl-C/SIGTERM mid-trial: the trial is failed (not complete), its configuration is queued
     to run first on resume, and its MLflow run ends KILLED."""
     # Lightning ignores SIGINT while it shuts down; give Ctrl-C back its usual meaning.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    trial.set_user_attr("error", "interrupted")
-    study.tell(trial, state=TrialState.FAIL)
+    study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted")
+    study.tell(trial.number, state=TrialState.FAIL)
     if trial.params:
         study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
     if run_id is not None:

@@ -67,6 +67,22 @@ class Sweep:
         return rc
 
 
+def wait_until_training(tmp_path: Path, number: int, timeout: float = 60) -> None:
+    """Until trial `number` has its MLflow run (set just before it trains), then a moment more:
+    a fixed sleep after the previous trial's line is too short on a loaded machine."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            trials = load(tmp_path).trials
+        except Exception:  # the study is being created or written
+            trials = []
+        if len(trials) > number and "mlflow_run_id" in trials[number].user_attrs:
+            time.sleep(0.5)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"trial {number} never started training")
+
+
 def load(tmp_path: Path) -> optuna.Study:
     return optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
 
@@ -94,7 +110,7 @@ def check_resumed(tmp_path: Path, interrupted: int) -> None:
 def test_interrupt_mid_trial_then_resume(tmp_path, sig):
     s = Sweep(tmp_path, *SLOW_SMOKE)
     s.wait_for("[1/3] trial")
-    time.sleep(1.0)  # trial 1 is now training
+    wait_until_training(tmp_path, 1)
     rc = s.stop(sig)
     out = "".join(s.output)
     assert rc == 130, out
@@ -113,7 +129,7 @@ def test_interrupt_mid_trial_then_resume(tmp_path, sig):
 def test_kill_9_mid_trial_then_resume(tmp_path):
     s = Sweep(tmp_path, *SLOW_SMOKE)
     s.wait_for("[1/3] trial")
-    time.sleep(1.0)
+    wait_until_training(tmp_path, 1)
     s.stop(signal.SIGKILL)
     assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE, TrialState.RUNNING]
     # The dead process's trial is detected at once (its pid is gone on this host).
