@@ -84,6 +84,51 @@ def framework(splits: data.Splits, epochs: int, store: Path, name: str) -> tuple
     return time.perf_counter() - t0, study.trials[0].user_attrs["seconds"]
 
 
+def conventional(splits: data.Splits, epochs: int, seed: int, store: Path) -> float:
+    """The stack people usually glue together: a LightningModule with automatic optimization
+    and self.log per step, DataLoader(TensorDataset) with shuffle, MLFlowLogger, Lightning's
+    default Trainer (checkpointing, progress bar off only to keep the output readable)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model(ARCH, splits.in_shape, 10)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            x, y = batch
+            acc = (self.net(x).argmax(1) == y).float().mean()
+            self.log(f"acc_{dataloader_idx}", acc)
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=epochs * -(-len(splits.y_train) // 128))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    t0 = time.perf_counter()
+    pl.seed_everything(seed, verbose=False)
+    train = DataLoader(TensorDataset(splits.x_train, splits.y_train), batch_size=128,
+                       shuffle=True)
+    evals = [DataLoader(TensorDataset(splits.x_val, splits.y_val), batch_size=5000),
+             DataLoader(TensorDataset(splits.x_train_eval, splits.y_train_eval),
+                        batch_size=5000)]
+    logger = MLFlowLogger(experiment_name="conventional",
+                          tracking_uri=f"sqlite:///{store}/conventional.db")
+    trainer = pl.Trainer(max_epochs=epochs, logger=logger, enable_progress_bar=False,
+                         default_root_dir=str(store), accelerator="cpu", devices=1)
+    trainer.fit(Module(), train, evals)
+    return time.perf_counter() - t0
+
+
 def arithmetic_limit(splits: data.Splits) -> tuple[float, float]:
     """(FLOP per epoch of the matmuls, seconds they take at the measured matmul rate)"""
     dims = [784, 512, 512, 10]
@@ -138,22 +183,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         framework(splits, 1, store, "warmup")  # creates the stores once: not a per-trial cost
-        rows = []  # (bare, study, trial) seconds
+        rows = []  # (bare, study, trial, conventional) seconds
         for r in range(args.repeats):
-            for which in (("bare", "fw") if r % 2 == 0 else ("fw", "bare")):
+            order = ("bare", "fw", "conv") if r % 2 == 0 else ("conv", "fw", "bare")
+            for which in order:
                 if which == "bare":
                     b, _ = bare(splits, args.epochs, trial_seed(0, 0))
-                else:
+                elif which == "fw":
                     s, t = framework(splits, args.epochs, store, f"bench{r}")
-            rows.append((b, s, t))
+                else:
+                    c = conventional(splits, args.epochs, trial_seed(0, 0), store)
+            rows.append((b, s, t, c))
             print(f"repeat {r}: bare {b:.2f}s | framework study {s:.2f}s (ratio {s / b:.3f}), "
-                  f"trial alone {t:.2f}s (ratio {t / b:.3f})", flush=True)
+                  f"trial alone {t:.2f}s (ratio {t / b:.3f}) | conventional stack {c:.2f}s "
+                  f"(ratio {c / b:.3f})", flush=True)
     med = statistics.median
     b = med(r[0] for r in rows)
     t = med(r[2] for r in rows)
     print(f"\nmedian of {args.repeats}: bare loop {b:.2f}s ({b / args.epochs:.2f}s/epoch); "
           f"framework/bare: whole 1-trial study {med(r[1] / r[0] for r in rows):.3f}, "
-          f"trial alone {med(r[2] / r[0] for r in rows):.3f}\n"
+          f"trial alone {med(r[2] / r[0] for r in rows):.3f}; conventional stack "
+          f"{med(r[3] / r[0] for r in rows):.3f}\n"
           f"arithmetic limit {flop:.3g} FLOP/epoch = {limit:.2f}s/epoch: bare epoch "
           f"{b / args.epochs / limit:.2f}x it, framework epoch {t / args.epochs / limit:.2f}x it")
 
