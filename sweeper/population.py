@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 
 from lightning_modules.metrics import VAL_ACC
-from lightning_modules.models import count_params
+from lightning_modules.models import build_model, count_params
 from sweeper import console, liveness, search_space, training
 from sweeper.config import Config
 from sweeper.data import Splits
@@ -112,7 +112,7 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
         with liveness.Heartbeat(study, [m.trial for m in members],
                                 cfg.search.heartbeat_interval_s):
             module = training.build_population(specs, splits)
-            n_params = count_params(training.member_net(module, 0, specs[0], splits))
+            n_params = count_params(build_model(specs[0].arch, splits.in_shape, splits.n_classes))
             for m in members:
                 m.run_id = tracker.start_trial(
                     parent, m.trial.number,

@@ -112,17 +112,12 @@ def test_schedules():
 
 @pytest.mark.parametrize("family", ["cnn", "resnet"])
 def test_family_study_end_to_end_then_export(tiny_cfg, tmp_path, family):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import numpy as np
     import optuna
 
-    from sweeper import checkpoints, export
+    from sweeper import export
     from sweeper.config import ParamSpec
     from sweeper.study import run_study
-    from tests.test_export import STANDALONE
+    from tests.test_export import standalone_errors
 
     tiny_cfg.model.family = family
     tiny_cfg.augment.name = "affine" if family == "cnn" else "elastic"
@@ -140,16 +135,8 @@ def test_family_study_end_to_end_then_export(tiny_cfg, tmp_path, family):
     out = tmp_path / "out"
     assert export.main(["--study", "tiny", "--out", str(out), "--storage",
                         tiny_cfg.search.storage, "--tracking-uri", tiny_cfg.tracking.uri]) == 0
-    net, ckpt = checkpoints.load(Path(study.best_trial.user_attrs[checkpoints.CHECKPOINT_ATTR]))
-    model = export.Exported(net, ckpt["mean"], ckpt["std"]).eval()
-    x = torch.rand(8, 1, 28, 28)
-    np.save(tmp_path / "x.npy", x.numpy())
-    subprocess.run([sys.executable, "-c", STANDALONE, str(out), str(tmp_path / "x.npy"),
-                    str(tmp_path / "y.npy")], check=True, cwd=tmp_path)
-    script, onnx = np.load(tmp_path / "y.npy")
-    with torch.no_grad():
-        want = model(x).numpy()
-    assert np.abs(script - want).max() < 1e-4 and np.abs(onnx - want).max() < 1e-4
+    script, onnx = standalone_errors(study, out, tmp_path, 8)
+    assert script < 1e-4 and onnx < 1e-4
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "resnet"])
