@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sweeper.config import check_overrides, to_config, validate
-from sweeper.errors import UserError
+from sweeper.errors import UserError, one_line
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -26,6 +26,12 @@ def main(raw: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:  # a real failure, not the user's: its own message, exit 1
+        if debug:
+            raise
+        print(f"sweeper: error: {one_line(e, 500)} (debug=true shows the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ import torch
 from optuna.trial import TrialState
 
 from lightning_modules.models import Architecture, build_model
+from sweeper import keys
 from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.errors import UserError
 from sweeper.tracking import sqlite_path
-
-CHECKPOINT_ATTR = "sweeper.checkpoint"
 
 
 def folder(cfg: Config) -> Path:
@@ -43,10 +42,10 @@ def save(cfg: Config, number: int, net: torch.nn.Module, arch: Architecture, spl
 
 def keep_top_k(study: optuna.Study, k: int) -> None:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if CHECKPOINT_ATTR in t.user_attrs and t.value is not None]
+                if keys.CHECKPOINT in t.user_attrs and t.value is not None]
     complete.sort(key=lambda t: t.value or 0.0, reverse=True)
     for t in complete[k:]:
-        Path(t.user_attrs[CHECKPOINT_ATTR]).unlink(missing_ok=True)
+        Path(t.user_attrs[keys.CHECKPOINT]).unlink(missing_ok=True)
 
 
 def load(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

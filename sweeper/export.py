@@ -13,7 +13,6 @@ MLflow run and registered in the MLflow model registry under the study's name. W
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -25,8 +24,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_modules.metrics import (
+    BEST_VAL_ACC,
+    EPOCHS_RUN,
+    GAP,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    VAL_ACC,
+)
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 from sweeper.errors import UserError
+
+# Largest |logit difference| allowed between an exported file and the trained model, checked on
+# every export (float32 reorderings in ONNX Runtime stay far below it).
+TOLERANCE = 1e-4
 
 
 class Exported(nn.Module):
@@ -84,8 +95,9 @@ def check_models(model: Exported, out: Path, images: torch.Tensor) -> float:
     session = onnxruntime.InferenceSession(str(out / "model.onnx"))
     onnx = session.run(None, {"image": images.numpy()})[0]
     diff = float(max(np.abs(script - want).max(), np.abs(onnx - want).max()))
-    if diff > 1e-4:
-        raise UserError(f"exported models disagree with the trained one by {diff:.2e}")
+    if diff > TOLERANCE:
+        raise UserError(f"exported models disagree with the trained one by {diff:.2e} "
+                        f"(more than {TOLERANCE:g})")
     return diff
 
 
@@ -143,23 +155,10 @@ def predictions_png(path: Path, images: np.ndarray, labels: np.ndarray, probs: n
     plt.close(fig)
 
 
-def stored_config(study: Any) -> Config:
-    """The config the study's latest sweep ran with (saved by the sweep on the study)."""
-    from omegaconf import OmegaConf
-
-    from sweeper.study import CONFIG_ATTR
-
-    raw = study.user_attrs.get(CONFIG_ATTR)
-    if raw is None:
-        raise UserError(f"study {study.study_name!r} has no stored sweeper config (it was not "
-                        "created by `python -m sweeper`)")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
-    assert isinstance(cfg, Config)
-    return cfg
-
-
-def refit(cfg: Config, params: dict[str, Any], number: int) -> tuple[nn.Module, Any]:
-    """Retrain the trial's configuration on train + validation (same seed and epochs)."""
+def refit(cfg: Config, params: dict[str, Any], number: int
+          ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Retrain the trial's configuration (cfg: its own recipe) on train + validation, same seed
+    and epochs. Returns the network, the splits and what the refit measured."""
     from sweeper import data, training
 
     device = training.accelerator(cfg.trainer.accelerator)
@@ -172,7 +171,12 @@ def refit(cfg: Config, params: dict[str, Any], number: int) -> tuple[nn.Module, 
     print(f"refit: training trial {number}'s configuration on {len(splits.y_train):,} images "
           f"for {spec.max_epochs} epochs ...", flush=True)
     training.fit(module, spec, splits, lambda epoch, m: False)
-    return module.net.cpu().eval(), splits
+    last = module.history[-1]
+    measured = {"trained_on": len(splits.y_train), "epochs": len(module.history),
+                TRAIN_ACC: last[TRAIN_ACC], TRAIN_LOSS: last[TRAIN_LOSS],
+                # the validation images were among those it trained on: not a held-out figure
+                "val_acc_seen_in_training": last[VAL_ACC]}
+    return module.net.cpu().eval(), splits, measured
 
 
 def log_to_mlflow(tracking_uri: str, run_id: str | None, model: Exported, out: Path,
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     import optuna
 
-    from sweeper import checkpoints, data, kaggle
+    from sweeper import checkpoints, data, kaggle, keys, recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -225,27 +229,32 @@ def run(args: argparse.Namespace) -> None:
     except KeyError:
         raise UserError(f"no study {args.study!r} in {args.storage}") from None
     trial = choose_trial(study, args.trial)
-    cfg = stored_config(study)
+    cfg = recipe.of_trial(study, trial)  # the settings this trial trained with
+    a = trial.user_attrs
+    trial_metrics = {k: a.get(k) for k in (TRAIN_ACC, VAL_ACC, GAP, BEST_VAL_ACC, EPOCHS_RUN,
+                                           keys.N_PARAMS)}
     splits = None
     if args.refit:
-        net, splits = refit(cfg, trial.params, trial.number)
+        net, splits, measured = refit(cfg, trial.params, trial.number)
         mean, std, source = splits.mean, splits.std, splits.source + " (refit: train+val)"
+        # The exported weights are the refit's: it saw the validation images, so nothing
+        # held out measures them; the trial's numbers describe the same recipe on train only.
+        metrics = {"weights": "refit on train+validation", **measured,
+                   keys.N_PARAMS: trial_metrics[keys.N_PARAMS]}
     else:
-        net, ckpt = checkpoints.load(Path(trial.user_attrs.get(checkpoints.CHECKPOINT_ATTR,
-                                                               "<none>")))
+        net, ckpt = checkpoints.load(Path(a.get(keys.CHECKPOINT, "<none>")))
         mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
+        metrics = {"weights": "the trial's own (final epoch)", **trial_metrics}
     model = Exported(net, mean, std).eval()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     write_models(model, out)
     diff = check_models(model, out, torch.rand(64, 1, 28, 28))
-    a = trial.user_attrs
     meta = {
         "study": args.study, "trial": trial.number, "refit": args.refit, "params": trial.params,
-        "metrics": {k: a.get(k) for k in ("train_acc", "val_acc", "gap", "best_val_acc",
-                                          "epochs_run", "n_params")},
+        "metrics": metrics, "trial_metrics": trial_metrics,
         "objective": trial.value, "data_source": source,
-        "config": dataclasses.asdict(cfg),
+        "config": recipe.of_config(cfg),
         "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "scaling": "pixel / 255",
                   "polarity": "white digit on black (MNIST)", "normalization_in_model": True,
                   "mean": mean, "std": std},
@@ -254,7 +263,9 @@ def run(args: argparse.Namespace) -> None:
         "max_abs_difference_to_trained_model": diff,
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2, default=str))
-    print(f"exported trial {trial.number} (val_acc {a.get('val_acc', float('nan')):.4f}) to "
+    what = ("refit on train+validation" if args.refit
+            else f"val_acc {a.get(VAL_ACC, float('nan')):.4f}")
+    print(f"exported trial {trial.number} ({what}) to "
           f"{out}: model.pt, model.onnx, model.json (both files match the trained model to "
           f"{diff:.1e})")
 
@@ -280,7 +291,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"predictions.png written to {out}")
 
     if not args.no_mlflow:
-        version = log_to_mlflow(args.tracking_uri, a.get("mlflow_run_id"), model, out,
+        version = log_to_mlflow(args.tracking_uri, a.get(keys.MLFLOW_RUN_ID), model, out,
                                 args.study)
         print(f"MLflow: logged to the trial's run and registered as {version}")
     from sweeper.predict import LAST_EXPORT  # predict's default model: this export

@@ -1,10 +1,15 @@
-"""Who owns a RUNNING trial, and is it still alive?
+"""Who owns a RUNNING trial (or a seed repeat), and is it still alive?
 
-Each trial records its worker (`host:pid:process-start-time`) and, while it trains, a heartbeat
-in the Optuna storage (Optuna's own heartbeat mechanism, driven from a thread here because the
-ask/tell loop does not start one). A later start recovers trials left RUNNING by a dead
-process: at once when the owner was a process on this host that no longer exists (kill -9,
-power loss), after `search.heartbeat_grace_s` without a heartbeat otherwise (another machine).
+Each trial records its worker (keys.WORKER) and, while it trains, a heartbeat in the Optuna
+storage (Optuna's own heartbeat mechanism, driven from a thread here because the ask/tell loop
+does not start one). A later start recovers trials left RUNNING by a dead process: at once when
+the owner was a process of this machine and pid namespace that no longer exists (kill -9,
+power loss), after `search.heartbeat_grace_s` without a heartbeat otherwise.
+
+A worker is `host:boot-id:pid-namespace:pid:start-time`. The host name alone is not enough:
+containers may share one and still not see each other's processes (another pid namespace), and
+a machine that rebooted (another boot id) reuses pids. Only a worker whose first four parts
+equal ours can be judged by looking for its process.
 """
 
 from __future__ import annotations
@@ -13,11 +18,24 @@ import contextlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 
-WORKER_ATTR = "sweeper.worker"
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:  # "pid:[4026531836]" -> "4026531836"
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return ""
 
 
 def _start_time(pid: int) -> str | None:
@@ -39,21 +57,50 @@ def _start_time(pid: int) -> str | None:
     return ""
 
 
+def this_machine() -> str:
+    """host:boot-id:pid-namespace (empty parts where the system does not tell)."""
+    return (f"{socket.gethostname()}:{_read('/proc/sys/kernel/random/boot_id')}:"
+            f"{_pid_namespace()}")
+
+
 def this_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+    return f"{this_machine()}:{os.getpid()}:{_start_time(os.getpid())}"
 
 
 def is_dead_here(worker: str) -> bool:
-    """True only when `worker` ran on this host and that process is gone."""
+    """True only when `worker` ran on this machine, in this pid namespace, and is gone."""
     try:
-        host, pid, started = worker.rsplit(":", 2)
+        machine, pid, started = worker.rsplit(":", 2)
         pid_int = int(pid)
     except ValueError:
         return False
-    if host != socket.gethostname() or pid_int == os.getpid():
+    if machine != this_machine() or machine.count(":") != 2 or pid_int == os.getpid():
         return False
     now = _start_time(pid_int)
     return now is None or (started != "" and now != "" and now != started)
+
+
+class Every:
+    """Calls `fn` every `interval` seconds from a daemon thread while inside the `with`."""
+
+    def __init__(self, interval: float, fn: Callable[[], None]):
+        self.interval, self.fn = interval, fn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a missed beat is harmless
+                self.fn()
+
+    def __enter__(self) -> Every:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 def _enabled(study: optuna.Study) -> bool:
@@ -66,31 +113,23 @@ def beat(study: optuna.Study, trial: optuna.Trial) -> None:
         study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
 
 
-class Heartbeat:
-    """Records the heartbeat of the trial (or of each trial of a population) every `interval`
-    seconds until stopped."""
+class Heartbeat(Every):
+    """Records the heartbeat of the trial (or of each trial of a population) now and every
+    `interval` seconds until stopped."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial | list[optuna.Trial],
                  interval: float):
-        self.study, self.interval = study, interval
-        self.trials = trial if isinstance(trial, list) else [trial]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweeper-heartbeat", daemon=True)
+        trials = trial if isinstance(trial, list) else [trial]
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for trial in self.trials:
-                with contextlib.suppress(Exception):  # a missed beat is harmless
-                    beat(self.study, trial)
+        def beat_all() -> None:
+            for t in trials:
+                beat(study, t)
+
+        super().__init__(interval, beat_all)
+        self.enabled = _enabled(study)
 
     def __enter__(self) -> Heartbeat:
-        if _enabled(self.study):
-            for trial in self.trials:
-                beat(self.study, trial)
-            self._thread.start()
+        if self.enabled:
+            self.fn()
+            super().__enter__()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)

@@ -1,15 +1,20 @@
 """Seed repeats: a single-seed difference on MNIST is often noise. After the sweep, the best
 `confirm.top_k` configurations and a ladder of `confirm.ladder` sizes are re-trained so that each
 has `confirm.seeds` runs in all (the trial itself is seed 0). Each repeat is an MLflow child run
-(tag sweeper.role=repeat) and its final metrics are stored on the study (REPEAT_ATTR.N.K), where
-the report finds them. Re-running skips repeats already done; concurrent workers split them.
+(tag sweeper.role=repeat) trained with the trial's own recipe, and its final metrics are stored
+on the study (keys.REPEAT.N.K), where the report finds them. Re-running skips repeats already
+done; concurrent workers split them: a worker claims a repeat and renews its claim while it
+trains, and a claim whose worker is gone (dead here, or silent for search.heartbeat_grace_s) is
+taken over. A repeat that diverges is recorded as diverged and left out of every mean.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +22,13 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_modules.metrics import EPOCH_METRICS, GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import checkpoints, data, liveness, training
+from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
+from sweeper import checkpoints, data, keys, liveness, recipe, training
 from sweeper.config import Config
 from sweeper.data import Splits
+from sweeper.errors import one_line
 from sweeper.study_lock import StudyLock
-from sweeper.tracking import DATA_TAG, Tracker
-
-REPEAT_ATTR = "sweeper.repeat"
+from sweeper.tracking import Tracker
 
 
 def repeat_seed(trial_seed: int, k: int) -> int:
@@ -34,17 +38,17 @@ def repeat_seed(trial_seed: int, k: int) -> int:
 def choose(study: optuna.Study, top_k: int, ladder: int) -> list[FrozenTrial]:
     """The best top_k complete trials, then `ladder` more spread evenly over log(n_params)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and "n_params" in t.user_attrs]
+            if t.value is not None and keys.N_PARAMS in t.user_attrs]
     best = sorted(done, key=lambda t: t.value or 0.0, reverse=True)[:top_k]
-    by_size = sorted(done, key=lambda t: t.user_attrs["n_params"])
+    by_size = sorted(done, key=lambda t: t.user_attrs[keys.N_PARAMS])
     picked = {t.number: t for t in best}
     if ladder > 0 and by_size:
-        logs = [math.log(t.user_attrs["n_params"]) for t in by_size]
+        logs = [math.log(t.user_attrs[keys.N_PARAMS]) for t in by_size]
         for i in range(ladder):
             goal = logs[0] + (logs[-1] - logs[0]) * (i / max(ladder - 1, 1))
-            t = min(by_size, key=lambda t: abs(math.log(t.user_attrs["n_params"]) - goal))
+            t = min(by_size, key=lambda t: abs(math.log(t.user_attrs[keys.N_PARAMS]) - goal))
             picked.setdefault(t.number, t)
-    return sorted(picked.values(), key=lambda t: t.user_attrs["n_params"])
+    return sorted(picked.values(), key=lambda t: t.user_attrs[keys.N_PARAMS])
 
 
 def results(study: optuna.Study) -> dict[int, list[dict[str, float]]]:
@@ -52,17 +56,42 @@ def results(study: optuna.Study) -> dict[int, list[dict[str, float]]]:
     out: dict[int, list[dict[str, float]]] = {}
     attrs = study.user_attrs
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        reps = [attrs[k] for k in sorted(attrs) if k.startswith(f"{REPEAT_ATTR}.{t.number}.")
-                and VAL_ACC in attrs[k]]
-        own_test = attrs.get(f"{REPEAT_ATTR}.{t.number}.0", {})  # the trial's own test accuracy
+        reps = [attrs[k] for k in sorted(attrs) if k.startswith(f"{keys.REPEAT}.{t.number}.")
+                and VAL_ACC in attrs[k]]  # diverged and unfinished repeats have no metrics
+        own_test = attrs.get(f"{keys.REPEAT}.{t.number}.0", {})  # the trial's own test accuracy
         if reps or own_test:
-            own = {m: t.user_attrs[m] for m in (TRAIN_ACC, VAL_ACC, GAP)} | {"seed": 0}
+            own = {m: t.user_attrs[m] for m in (TRAIN_ACC, VAL_ACC, GAP)} | {keys.SEED: 0}
             out[t.number] = [own | own_test, *reps]
     return out
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def diverged(study: optuna.Study) -> dict[int, int]:
+    """trial number -> how many of its seed repeats diverged (NaN/inf)."""
+    out: dict[int, int] = {}
+    for k, v in study.user_attrs.items():
+        if k.startswith(f"{keys.REPEAT}.") and isinstance(v, dict) and keys.DIVERGED in v:
+            number = int(k.split(".")[2])
+            out[number] = out.get(number, 0) + 1
+    return out
+
+
+def _taken(have: dict[str, Any] | None, grace_s: float) -> bool:
+    """Done (metrics or diverged), or claimed by a worker that is still alive."""
+    if not have:
+        return False
+    if VAL_ACC in have or keys.DIVERGED in have:
+        return True
+    worker = have.get(keys.CLAIMED_BY)
+    return worker is not None and not liveness.is_dead_here(worker) and (
+        time.time() - float(have.get(keys.CLAIM_BEAT, 0)) <= grace_s)
+
+
+def _claim(study: optuna.Study, key: str, worker: str) -> None:
+    study.set_user_attr(key, {keys.CLAIMED_BY: worker, keys.CLAIM_BEAT: time.time()})
 
 
 def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, parent: str,
@@ -77,9 +106,9 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
     best = {t.number for t in choose(study, c.top_k, 0)}  # only these meet the test set
     if test is not None:
         for t in chosen:
-            key = f"{REPEAT_ATTR}.{t.number}.0"
+            key = f"{keys.REPEAT}.{t.number}.0"
             if t.number in best and key not in study.user_attrs:
-                path = Path(t.user_attrs.get(checkpoints.CHECKPOINT_ATTR, ""))
+                path = Path(t.user_attrs.get(keys.CHECKPOINT, ""))
                 if path.is_file():
                     net, _ = checkpoints.load(path)
                     study.set_user_attr(key, {TEST_ACC: training.accuracy(net, *test)})
@@ -87,21 +116,34 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
     print(f"\nconfirming {len(chosen)} configurations (top {c.top_k}"
           + (f" + a ladder of {c.ladder} sizes" if c.ladder else "")
           + f") with {c.seeds} seeds each: {len(todo)} repeat runs", flush=True)
+    grace = cfg.search.heartbeat_grace_s
     for t, k in todo:
-        key = f"{REPEAT_ATTR}.{t.number}.{k}"
+        key = f"{keys.REPEAT}.{t.number}.{k}"
+        claim = functools.partial(_claim, study, key, liveness.this_worker())
         with lock():  # claim it: workers finishing together split the repeats
-            have = study.user_attrs.get(key)  # read from the storage, not cached
-            if have is not None and (VAL_ACC in have or not liveness.is_dead_here(
-                    have.get("worker", ""))):
+            if _taken(study.user_attrs.get(key), grace):  # read from the storage, not cached
                 continue
-            study.set_user_attr(key, {"worker": liveness.this_worker()})
-        result = train_one(t, k, cfg, splits, tracker, parent,
-                           test if t.number in best else None)
+            claim()
+        try:
+            with liveness.Every(cfg.search.heartbeat_interval_s, claim):
+                result = train_one(study, t, k, splits, tracker, parent,
+                                   test if t.number in best else None)
+        except (KeyboardInterrupt, SystemExit):
+            study.set_user_attr(key, {})  # unclaimed: the next run trains it
+            raise
         study.set_user_attr(key, result)
-        print(f"  trial {t.number:3d} seed {k}: {t.user_attrs['n_params']:,} params | "
-              f"train {100 * result[TRAIN_ACC]:.2f} val {100 * result[VAL_ACC]:.2f} "
-              f"gap {100 * result[GAP]:+.2f}"
-              + (f" test {100 * result[TEST_ACC]:.2f}" if TEST_ACC in result else ""), flush=True)
+        head = f"  trial {t.number:3d} seed {k}: {t.user_attrs[keys.N_PARAMS]:,} params | "
+        if keys.ERROR in result:
+            print(f"{head}FAILED ({result[keys.ERROR]}); the next run tries it again", flush=True)
+        elif keys.DIVERGED in result:
+            print(f"{head}diverged ({result[keys.DIVERGED]}): left out of the means",
+                  flush=True)
+        else:
+            print(f"{head}train {100 * result[TRAIN_ACC]:.2f} val {100 * result[VAL_ACC]:.2f} "
+                  f"gap {100 * result[GAP]:+.2f}"
+                  + (f" test {100 * result[TEST_ACC]:.2f}" if TEST_ACC in result else ""),
+                  flush=True)
+    bad = diverged(study)
     for number, runs in sorted(results(study).items()):
         val, gap = (mean_std([r[m] for r in runs]) for m in (VAL_ACC, GAP))
         tests = [r[TEST_ACC] for r in runs if TEST_ACC in r]
@@ -109,35 +151,50 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
         if tests:
             tm, ts = mean_std(tests)
             test_s = f" | test {100 * tm:.2f} ± {100 * ts:.2f} ({len(tests)} seeds)"
+        div = f", {bad[number]} diverged" if bad.get(number) else ""
         print(f"  trial {number:3d}: val {100 * val[0]:.2f} ± {100 * val[1]:.2f} | gap "
-              f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f} ({len(runs)} seeds){test_s}")
+              f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f} ({len(runs)} seeds{div}){test_s}")
 
 
-def train_one(t: FrozenTrial, k: int, cfg: Config, splits: Splits, tracker: Tracker,
+def train_one(study: optuna.Study, t: FrozenTrial, k: int, splits: Splits, tracker: Tracker,
               parent: str, test: tuple[torch.Tensor, torch.Tensor] | None = None
               ) -> dict[str, Any]:
-    spec = training.resolve(cfg, t.params, t.number)
+    """Seed k of trial t, trained with the trial's own recipe. Returns its final metrics, or
+    {diverged} / {error}. An interrupt ends its MLflow run KILLED and is raised again."""
+    spec = training.resolve(recipe.of_trial(study, t), t.params, t.number)
     spec = dataclasses.replace(spec, seed=repeat_seed(spec.seed, k))
-    module = training.build(spec, splits)
-    run_id = tracker.start_trial(parent, t.number, spec.mlflow_params()
-                                 | {"n_params": t.user_attrs["n_params"]},
-                                 {DATA_TAG: splits.source}, repeat=k)
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
-        tracker.log_metrics(run_id, metrics, step=epoch)
-        return not all(math.isfinite(v) for v in metrics.values())
-
+    record: dict[str, Any] = {keys.SEED: k}
+    run_id = None
     try:
+        module = training.build(spec, splits)
+        run_id = tracker.start_trial(parent, t.number, spec.mlflow_params()
+                                     | {keys.N_PARAMS: t.user_attrs[keys.N_PARAMS]},
+                                     {keys.DATA_TAG: splits.source}, repeat=k)
+        record[keys.RUN_ID] = run_id
+        bad: list[str] = []
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+            assert run_id is not None
+            tracker.log_metrics(run_id, metrics, step=epoch)
+            bad.extend(f"{m}={metrics[m]} at epoch {epoch}" for m in sorted(metrics)
+                       if not math.isfinite(metrics[m]))
+            return bool(bad)
+
         training.fit(module, spec, splits, on_epoch)
-    except BaseException:  # Ctrl-C, SIGTERM: the claim stays with this (dead) process; redone
-        tracker.end_trial(run_id, "FAIL", {}, error="interrupted", status="KILLED")
-        raise KeyboardInterrupt from None
-    last = module.history[-1]
-    ok = all(math.isfinite(last[m]) for m in EPOCH_METRICS)
-    result: dict[str, Any] = {m: last[m] for m in (TRAIN_ACC, VAL_ACC, GAP)}
-    result |= {"seed": k, "run_id": run_id}
-    if test is not None:
-        result[TEST_ACC] = training.accuracy(module.net, *test)
-    tracker.end_trial(run_id, "COMPLETE" if ok else "FAIL",
-                      {TEST_ACC: result[TEST_ACC]} if TEST_ACC in result else {})
-    return result
+        if bad:
+            record[keys.DIVERGED] = bad[0]
+        else:
+            record |= {m: module.history[-1][m] for m in (TRAIN_ACC, VAL_ACC, GAP)}
+            if test is not None:
+                record[TEST_ACC] = training.accuracy(module.net, *test)
+    except (KeyboardInterrupt, SystemExit):
+        if run_id is not None:
+            tracker.end_trial(run_id, "FAIL", {}, error="interrupted", status="KILLED")
+        raise
+    except Exception as e:  # out of memory, a store that refused a write, ...: this repeat fails
+        record[keys.ERROR] = one_line(e)
+    if run_id is not None:
+        state = "COMPLETE" if VAL_ACC in record else "FAIL"
+        tracker.end_trial(run_id, state, {TEST_ACC: record[TEST_ACC]} if TEST_ACC in record
+                          else {}, error=record.get(keys.DIVERGED) or record.get(keys.ERROR))
+    return record

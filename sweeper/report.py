@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import repeats, stats
+from sweeper import keys, repeats, stats
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING
 from sweeper.errors import UserError
 
@@ -65,27 +65,26 @@ class Report:
 def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
     from optuna.trial import TrialState
 
-    from sweeper.study import CONFIG_ATTR
-
-    model = study.user_attrs.get(CONFIG_ATTR, {}).get("model", {})
-    trainer = study.user_attrs.get(CONFIG_ATTR, {}).get("trainer", {})
+    legacy = study.user_attrs.get(keys.LEGACY_CONFIG, {})  # studies made before RECIPE
     states = (TrialState.COMPLETE, TrialState.PRUNED) if include_pruned else (TrialState.COMPLETE,)
     pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     rows = []
     for t in study.get_trials(deepcopy=False, states=states):
         a, p = t.user_attrs, t.params
-        if VAL_ACC not in a or "n_params" not in a:
+        if VAL_ACC not in a or keys.N_PARAMS not in a:
             continue
+        model = a.get(keys.RECIPE, legacy).get("model", {})  # values the space did not search
+        trainer = a.get(keys.RECIPE, legacy).get("trainer", {})
         family = str(p.get("family", model.get("family", "mlp")))
         depth = int(p.get("depth", model.get("depth_by_family", {}).get(
             family, model.get("depth", 0))))
         widths = [v for k, v in p.items() if k.startswith("width_")] or [
-            a.get("width", p.get("width", model.get("width", 0)))]
+            a.get(keys.WIDTH, p.get("width", model.get("width", 0)))]
         rows.append(Row(t.number, t.state.name, depth, int(max(widths)),
                         float(p.get("dropout", model.get("dropout", 0.0))),
-                        float(p.get("lr", trainer.get("lr", 0.0))), int(a["n_params"]),
+                        float(p.get("lr", trainer.get("lr", 0.0))), int(a[keys.N_PARAMS]),
                         int(a.get("epochs_run", 0)), float(a[TRAIN_ACC]), float(a[VAL_ACC]),
-                        float(a[GAP]), a.get("mlflow_run_id"),
+                        float(a[GAP]), a.get(keys.MLFLOW_RUN_ID),
                         family))
     seeds = repeats.results(study)
     for r in rows:
@@ -386,8 +385,6 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
           include_pruned: bool = False) -> Report:
     import optuna
 
-    from sweeper.study import CONFIG_ATTR, IDENTITY_ATTR
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
@@ -396,18 +393,20 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
     except Exception as e:
         raise UserError(f"--storage {storage}: {type(e).__name__}: {e}") from None
     rows, excluded = rows_of(study, include_pruned)
-    cfg = study.user_attrs.get(CONFIG_ATTR, {})
-    setup = {"data": study.user_attrs.get(IDENTITY_ATTR, {}).get("data", "?"),
-             "n_trials": cfg.get("search", {}).get("n_trials"),
-             "max_epochs": cfg.get("trainer", {}).get("max_epochs"),
-             "sampler": cfg.get("search", {}).get("sampler"),
-             "pruner": cfg.get("search", {}).get("pruner")}
+    identity = study.user_attrs.get(keys.IDENTITY, {})
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    setup = {"data": identity.get("data.content", identity.get("data", "?")),
+             "n_trials": len(finished), "max_epochs": identity.get(
+                 "trainer.max_epochs", study.user_attrs.get(keys.LEGACY_CONFIG, {}).get(
+                     "trainer", {}).get("max_epochs")),
+             "sampler": "?", "pruner": "?"}
     parent = None
     if tracking_uri:
         parent = parent_run(tracking_uri, study_name)
         if parent is not None:
-            setup |= {k: parent.data.params.get(k, "?") for k in ("train_size", "val_size")}
-            setup["data"] = parent.data.tags.get("data.source", setup["data"])
+            setup |= {k: parent.data.params.get(k, "?")
+                      for k in ("train_size", "val_size", "sampler", "pruner")}
+            setup["data"] = parent.data.tags.get(keys.DATA_TAG, setup["data"])
         fetch_curves(rows, tracking_uri)
     rep = analyse(study_name, rows, setup, excluded)
     out.mkdir(parents=True, exist_ok=True)

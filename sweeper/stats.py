@@ -1,34 +1,31 @@
-"""Rank correlation with honest uncertainty: Spearman's rho and a percentile bootstrap 95%
-interval (resampling trials with replacement, seeded)."""
+"""Rank correlation with honest uncertainty: Spearman's rho (scipy) and a percentile bootstrap
+95% interval (scipy.stats.bootstrap, resampling trials in pairs, seeded)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their positions), from 1."""
-    order = np.argsort(x, kind="mergesort")
-    r = np.empty(len(x), dtype=np.float64)
-    r[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        tied = x == v
-        if tied.sum() > 1:
-            r[tied] = r[tied].mean()
-    return r
+import scipy.stats
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of the ranks; nan when either side is constant or n < 3."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    """nan when either side is constant or n < 3."""
     if len(x) < 3:
         return float("nan")
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        return float(scipy.stats.spearmanr(x, y).statistic)
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's rho of each resample at once (Pearson's r of the ranks, as spearmanr
+    computes it): 2,000 resamples in milliseconds instead of a second."""
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore")  # constant resamples: nan, left out below
+        return scipy.stats.pearsonr(scipy.stats.rankdata(x, axis=axis),
+                                    scipy.stats.rankdata(y, axis=axis), axis=axis).statistic
 
 
 @dataclass
@@ -57,12 +54,13 @@ def correlation(x: np.ndarray, y: np.ndarray, resamples: int = 2000,
     rho = spearman(x, y)
     if np.isnan(rho):
         return Correlation(rho, float("nan"), float("nan"), len(x))
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(resamples):
-        i = rng.integers(0, len(x), len(x))
-        r = spearman(x[i], y[i])
-        if not np.isnan(r):  # a resample of one repeated trial has no ranks
-            boots.append(r)
-    low, high = np.percentile(boots, [2.5, 97.5]) if boots else (float("nan"),) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's own interval is not used (nan resamples)
+        res = scipy.stats.bootstrap((x, y), _spearman_rows, paired=True, vectorized=True,
+                                    n_resamples=resamples, method="percentile",
+                                    rng=np.random.default_rng(seed))
+    # A resample that repeats one trial has no ranks (nan): leave it out of the percentiles.
+    boots = res.bootstrap_distribution
+    low, high = np.nanpercentile(boots, [2.5, 97.5]) if np.isfinite(boots).any() else (
+        float("nan"), float("nan"))
     return Correlation(rho, float(low), float(high), len(x))

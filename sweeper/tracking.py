@@ -13,16 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sweeper import keys
 from sweeper.errors import UserError
-
-ROLE_TAG = "sweeper.role"  # parent | trial | repeat
-REPEAT_TAG = "sweeper.repeat"  # seed index of a repeat run (the trial itself is 0)
-STUDY_TAG = "sweeper.study"
-TRIAL_TAG = "optuna.trial_number"
-STATE_TAG = "optuna.state"  # COMPLETE | PRUNED | FAIL
-DATA_TAG = "data.source"
-ERROR_TAG = "sweeper.error"
-PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -46,7 +38,7 @@ def prepare_sqlite(uri: str, what: str) -> None:
 
 def find_parent(client: Any, experiment_id: str) -> Any:
     """The study's parent run in its experiment (the oldest, should there ever be two), or None."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{keys.ROLE_TAG}` = 'parent'",
                               order_by=["attributes.start_time ASC"], max_results=1)
     return runs[0] if runs else None
 
@@ -95,7 +87,8 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.experiment,
-                                         tags={ROLE_TAG: "parent", STUDY_TAG: self.experiment})
+                                         tags={keys.ROLE_TAG: "parent",
+                                               keys.STUDY_TAG: self.experiment})
             run_id = run.info.run_id
             self._log(run_id, params=params)
         self._log(run_id, tags=tags)
@@ -107,11 +100,11 @@ class Tracker:
         name, role = f"trial-{number:03d}", "trial"
         if repeat is not None:
             name, role = f"{name}-seed{repeat}", "repeat"
-            tags = tags | {REPEAT_TAG: str(repeat)}
+            tags = tags | {keys.REPEAT_TAG: str(repeat)}
         run = self.client.create_run(
             self.experiment_id, run_name=name,
-            tags={PARENT_RUN_ID_TAG: parent_id, ROLE_TAG: role, STUDY_TAG: self.experiment,
-                  TRIAL_TAG: str(number), **tags})
+            tags={keys.PARENT_RUN_ID_TAG: parent_id, keys.ROLE_TAG: role,
+                  keys.STUDY_TAG: self.experiment, keys.TRIAL_TAG: str(number), **tags})
         self._log(run.info.run_id, params=params)
         return run.info.run_id
 
@@ -122,7 +115,7 @@ class Tracker:
                   error: str | None = None, status: str | None = None) -> None:
         """state: the Optuna state (COMPLETE/PRUNED/FAIL); status: the MLflow run status, by
         default FINISHED for COMPLETE and PRUNED, FAILED for FAIL (KILLED: interrupted)."""
-        tags = {STATE_TAG: state} | ({ERROR_TAG: error[:5000]} if error else {})
+        tags = {keys.STATE_TAG: state} | ({keys.ERROR_TAG: error[:5000]} if error else {})
         self._log(run_id, metrics=metrics, tags=tags)
         status = status or ("FAILED" if state == "FAIL" else "FINISHED")
         self.client.set_terminated(run_id, status=status)

@@ -18,10 +18,8 @@ import torch
 
 from lightning_modules.augment import BatchAugment
 from lightning_modules.classifier import Classifier
-from lightning_modules.mlp import MLP
 from lightning_modules.models import Architecture, build_model, count_params
-from lightning_modules.population import PopulationClassifier, PopulationMLP
-from sweeper.batches import IndexBatches, PopulationGroups, ShuffledGroups
+from sweeper.batches import IndexBatches, ShuffledGroups
 from sweeper.config import AugmentConfig, Config
 from sweeper.data import Splits
 from sweeper.errors import UserError
@@ -187,7 +185,7 @@ def n_params(module: Classifier) -> int:
     return count_params(module.net)
 
 
-def _trainer(device: torch.device, max_epochs: int, callback: pl.Callback) -> pl.Trainer:
+def make_trainer(device: torch.device, max_epochs: int, callback: pl.Callback) -> pl.Trainer:
     return pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         max_epochs=max_epochs, logger=False, enable_checkpointing=False,
@@ -195,7 +193,7 @@ def _trainer(device: torch.device, max_epochs: int, callback: pl.Callback) -> pl
         callbacks=[callback])
 
 
-def _evals(splits: Splits, batch_size: int) -> list[IndexBatches]:
+def evals(splits: Splits, batch_size: int) -> list[IndexBatches]:
     return [IndexBatches(splits.x_val, splits.y_val, batch_size),
             IndexBatches(splits.x_train_eval, splits.y_train_eval, batch_size)]
 
@@ -203,77 +201,6 @@ def _evals(splits: Splits, batch_size: int) -> list[IndexBatches]:
 def fit(module: Classifier, spec: TrialSpec, splits: Splits, on_epoch: EpochHook) -> None:
     train = ShuffledGroups(splits.x_train, splits.y_train, spec.batch_size,
                            spec.steps_per_execution, seed=spec.seed)
-    trainer = _trainer(splits.x_train.device, spec.max_epochs, _EpochEnd(on_epoch))
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=_evals(splits,
+    trainer = make_trainer(splits.x_train.device, spec.max_epochs, _EpochEnd(on_epoch))
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=evals(splits,
                                                                         spec.eval_batch_size))
-
-
-# Population training (search.population > 1): trials of one shape trained together.
-PopulationHook = Callable[[int, dict[int, dict[str, float]]], set[int]]
-
-
-def shape_key(spec: TrialSpec) -> tuple[Any, ...]:
-    """Trials with equal keys can share a population (everything but per-member values)."""
-    return (spec.arch.family, spec.arch.hidden, spec.batch_size, spec.optimizer,
-            spec.lr_schedule, spec.max_epochs)
-
-
-def build_population(specs: list[TrialSpec], splits: Splits) -> PopulationClassifier:
-    """Member i starts exactly as `build(specs[i])` would: same seed, same initial weights, and
-    (on CPU) a dropout generator in the state the solo run's global generator has after init."""
-    if specs[0].arch.family != "mlp" or any(s.augment or s.label_smoothing for s in specs):
-        raise UserError("search.population works for model=mlp without augmentation or label "
-                        "smoothing")
-    nets, generators = [], []
-    with torch.random.fork_rng(devices=[]):
-        for spec in specs:
-            pl.seed_everything(spec.seed, verbose=False)
-            net = build_model(spec.arch, splits.in_shape, splits.n_classes)
-            assert isinstance(net, MLP)
-            nets.append(net)
-            generators.append(torch.Generator().manual_seed(0))
-            generators[-1].set_state(torch.get_rng_state())
-    pop = PopulationMLP(nets, [s.arch.dropout for s in specs])
-    if splits.x_train.device.type == "cpu":
-        pop.generators = generators
-    else:  # one batched mask draw per layer on the GPU, seeded by the first member
-        torch.manual_seed(specs[0].seed)
-    spec = specs[0]
-    total_steps = spec.max_epochs * -(-len(splits.y_train) // spec.batch_size)
-    return PopulationClassifier(pop, spec.optimizer, [s.lr for s in specs],
-                                [s.weight_decay for s in specs], spec.lr_schedule, total_steps)
-
-
-class _PopulationEpochEnd(pl.Callback):
-    def __init__(self, hook: PopulationHook, train: PopulationGroups):
-        self.hook, self.train = hook, train
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert isinstance(pl_module, PopulationClassifier)
-        latest = {m: pl_module.history[m][-1] for m in pl_module.active}
-        stop = self.hook(len(pl_module.history[pl_module.active[0]]), latest)
-        if stop:
-            self.train.keep(pl_module.stop(stop))
-        if not pl_module.active:
-            trainer.should_stop = True
-
-
-def fit_population(module: PopulationClassifier, specs: list[TrialSpec], splits: Splits,
-                   on_epoch: PopulationHook) -> None:
-    """on_epoch(epoch, {member: metrics}) -> the members to stop (pruned or diverged)."""
-    spec = specs[0]
-    train = PopulationGroups(splits.x_train, splits.y_train, spec.batch_size,
-                             spec.steps_per_execution, [s.seed for s in specs])
-    trainer = _trainer(splits.x_train.device, spec.max_epochs,
-                       _PopulationEpochEnd(on_epoch, train))
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=_evals(splits,
-                                                                        spec.eval_batch_size))
-
-
-def member_net(module: PopulationClassifier, member: int, spec: TrialSpec,
-               splits: Splits) -> MLP:
-    """Member `member` (original index, still in the population) as a plain MLP."""
-    net = build_model(spec.arch, splits.in_shape, splits.n_classes)
-    assert isinstance(net, MLP)
-    net.load_state_dict(module.net.member_state(module.active.index(member)))
-    return net

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sweeper import checkpoints, data, export
+from sweeper import checkpoints, data, export, keys
 from sweeper.config import Config, DataConfig, ParamSpec
 from sweeper.study import run_study
 from tests.test_kaggle import HEADER, write
@@ -71,7 +71,7 @@ def test_files_load_without_the_project_and_agree_with_it(exported):
 def standalone_errors(study, out: Path, tmp: Path, n: int) -> tuple[float, float]:
     """Largest differences between the best trial's checkpoint (with normalization) and its
     exported model.pt / model.onnx, loaded in a process that cannot import the project."""
-    net, ckpt = checkpoints.load(Path(study.best_trial.user_attrs[checkpoints.CHECKPOINT_ATTR]))
+    net, ckpt = checkpoints.load(Path(study.best_trial.user_attrs[keys.CHECKPOINT]))
     model = export.Exported(net, ckpt["mean"], ckpt["std"]).eval()
     x = torch.rand(n, 1, 28, 28)
     np.save(tmp / "x.npy", x.numpy())
@@ -122,3 +122,26 @@ def test_refit_retrains_a_dropped_trial(exported):
     assert rc == 0
     meta = json.loads((tmp / "refit" / "model.json").read_text())
     assert meta["refit"] is True and "refit: train+val" in meta["data_source"]
+
+
+def test_predict_reads_the_users_digits_with_a_real_export(exported, tmp_path, capsys):
+    """predict on the exported model.pt (not a stand-in): MNIST digits saved as PNG files come
+    back as the exported model reads them in memory, and mostly right."""
+    from PIL import Image
+
+    from sweeper import predict
+
+    out, _study, _, images = exported[0] / "out", *exported[1:]
+    labels = data.load(DataConfig(name="mnist_sample")).labels[:len(images)]
+    files = []
+    for i, im in enumerate(images[:20]):
+        Image.fromarray(im).save(tmp_path / f"d{i}.png")
+        files.append(str(tmp_path / f"d{i}.png"))
+    assert predict.main([*files, "--model", str(out), "--sheet", str(tmp_path / "s.png")]) == 0
+    said = [int(line.split(": ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+            if line.startswith(str(tmp_path / "d"))]
+    model = predict.load_model(out)
+    x = np.stack([predict.to_mnist(predict.load_image(Path(f))) for f in files])
+    want, _ = export.predict(model, x)
+    assert said == want.tolist()
+    assert (np.array(said) == labels[:20]).mean() >= 0.6

@@ -16,10 +16,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper import training
+from sweeper import keys, training
 from sweeper.errors import UserError
-from sweeper.study import RETRY_ATTR, run_study
-from sweeper.tracking import ERROR_TAG, STATE_TAG, TRIAL_TAG
+from sweeper.keys import ERROR_TAG, STATE_TAG, TRIAL_TAG
+from sweeper.study import run_study
 from tests.test_study import REPO, runs, sweep
 
 # ~0.1 s epochs on the embedded sample: each trial runs for a few seconds.
@@ -68,19 +68,26 @@ class Sweep:
 
 
 def wait_until_training(tmp_path: Path, number: int, timeout: float = 60) -> None:
-    """Until trial `number` has its MLflow run (set just before it trains), then a moment more:
-    a fixed sleep after the previous trial's line is too short on a loaded machine."""
+    """Until trial `number` has reported its first epoch to Optuna: it is mid-training (the
+    smoke trials here run 25 epochs). Polls the store's state; no fixed sleep."""
+    wait_for_state(lambda: _reported(tmp_path, number), f"trial {number} never trained",
+                   timeout)
+
+
+def _reported(tmp_path: Path, number: int) -> bool:
+    try:
+        trials = load(tmp_path).trials
+    except Exception:  # the study is being created or written
+        return False
+    return len(trials) > number and bool(trials[number].intermediate_values)
+
+
+def wait_for_state(ready, what: str, timeout: float = 60, poll: float = 0.1) -> None:
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            trials = load(tmp_path).trials
-        except Exception:  # the study is being created or written
-            trials = []
-        if len(trials) > number and "mlflow_run_id" in trials[number].user_attrs:
-            time.sleep(0.5)
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"trial {number} never started training")
+    while not ready():
+        if time.monotonic() > end:
+            raise AssertionError(what)
+        time.sleep(poll)
 
 
 def load(tmp_path: Path) -> optuna.Study:
@@ -95,7 +102,7 @@ def check_resumed(tmp_path: Path, interrupted: int) -> None:
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 3  # exactly the budget
     assert states[interrupted] == TrialState.FAIL
-    retry = next(t for t in study.trials if t.user_attrs.get(RETRY_ATTR) == interrupted)
+    retry = next(t for t in study.trials if t.user_attrs.get(keys.RETRY_OF) == interrupted)
     assert retry.params == study.trials[interrupted].params and retry.state == TrialState.COMPLETE
     _, parents, children = runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

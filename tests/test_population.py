@@ -10,10 +10,10 @@ from mlflow import MlflowClient
 
 from lightning_modules.metrics import EPOCH_METRICS, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import checkpoints, data, training
+from sweeper import checkpoints, data, keys, population, training
 from sweeper.config import Config, DataConfig, ParamSpec
+from sweeper.keys import ROLE_TAG
 from sweeper.study import run_study
-from sweeper.tracking import ROLE_TAG
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,9 @@ def test_member_trains_exactly_as_its_solo_trial(splits, optimizer):
                                  weight_decay=[0, 1e-4, 0, 1e-3][i],
                                  arch=Architecture("mlp", (32, 32), [0.1, 0.0, 0.3, 0.2][i]))
              for i in range(4)]
-    pop = training.build_population(specs, splits)
+    pop = population.build_population(specs, splits)
     # Member 1 stops after epoch 1 (as if pruned): the others must not notice.
-    training.fit_population(pop, specs, splits, lambda epoch, m: {1} if epoch == 1 else set())
+    population.fit_population(pop, specs, splits, lambda epoch, m: {1} if epoch == 1 else set())
     assert [len(h) for h in pop.history] == [2, 1, 2, 2]
     assert pop.active == [0, 2, 3]
     for i, spec in enumerate(specs):
@@ -44,7 +44,7 @@ def test_member_trains_exactly_as_its_solo_trial(splits, optimizer):
             for k in EPOCH_METRICS:
                 assert member[k] == pytest.approx(solo.history[ep][k], abs=1e-6), (i, ep, k)
         if i != 1:  # weights of a member still training come out as a plain MLP
-            net = training.member_net(pop, i, spec, splits)
+            net = population.member_net(pop, i, spec, splits)
             for (k, a), b in zip(net.state_dict().items(), solo.net.state_dict().values(),
                                  strict=True):
                 assert torch.allclose(a, b, atol=1e-5), k
@@ -73,7 +73,7 @@ def test_population_study_end_to_end(tiny_cfg: Config, tmp_path: Path, splits):
         assert len(client.get_metric_history(run.info.run_id, VAL_ACC)) == 2
     # A member's kept weights reproduce its recorded validation accuracy.
     best = study.best_trial
-    net, _ = checkpoints.load(Path(best.user_attrs[checkpoints.CHECKPOINT_ATTR]))
+    net, _ = checkpoints.load(Path(best.user_attrs[keys.CHECKPOINT]))
     with torch.no_grad():
         acc = (net(splits.x_val).argmax(1) == splits.y_val).double().mean().item()
     assert acc == pytest.approx(best.user_attrs[VAL_ACC], abs=1e-9)

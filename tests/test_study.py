@@ -16,8 +16,8 @@ from lightning_modules.metrics import EPOCH_METRICS
 from sweeper import data, training
 from sweeper.config import ParamSpec
 from sweeper.errors import UserError
+from sweeper.keys import ROLE_TAG, STATE_TAG, TRIAL_TAG
 from sweeper.study import run_study
-from sweeper.tracking import ROLE_TAG, STATE_TAG, TRIAL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"depth", "width", "dropout", "lr", "batch_size", "max_epochs", "n_params", "seed"}
@@ -103,7 +103,8 @@ def test_hopeless_trial_is_pruned_and_logged_as_finished(tiny_cfg):
 def test_resume_with_a_different_space_is_refused(tiny_cfg):
     run_study(tiny_cfg)
     tiny_cfg.search.space["width"] = ParamSpec("int", low=16, high=128, log=True)
-    with pytest.raises(UserError, match="different space"):
+    with pytest.raises(UserError, match=r"different settings: search.space.width.high "
+                       r"\(study 64, this run 128\)"):
         run_study(tiny_cfg)
 
 
@@ -118,7 +119,7 @@ def test_resume_knows_the_data_by_content_not_by_path(tiny_cfg):
     # Same source name, other content (e.g. other files at that path): refused.
     shuffled = dataclasses.replace(splits, y_val=splits.y_val.flip(0))
     tiny_cfg.search.n_trials = 3
-    with pytest.raises(UserError, match="different data"):
+    with pytest.raises(UserError, match=r"different settings: data\.content"):
         run_study(tiny_cfg, shuffled)
 
 

@@ -3,6 +3,7 @@ MLflow server or straight into PostgreSQL): exactly search.n_trials finished tri
 run, and a killed worker's trial retried."""
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -14,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
-from sweeper import liveness
-from sweeper.study import RETRY_ATTR
-from sweeper.tracking import TRIAL_TAG
+from sweeper import keys
+from sweeper.keys import TRIAL_TAG
 from tests.postgres import free_port
-from tests.test_faults import Sweep
+from tests.test_faults import Sweep, wait_for_state
 from tests.test_study import runs
 
 BAD = ("database is locked", "IntegrityError", "UniqueViolation", "Traceback")
@@ -85,7 +86,7 @@ def test_two_workers_started_together_share_one_study(postgres_cluster, tmp_path
     study = optuna.load_study(study_name="smoke", storage=optuna_url)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6  # no extra, no failure
     assert sorted(t.number for t in study.trials) == list(range(6))
-    owners = {t.user_attrs[liveness.WORKER_ATTR] for t in study.trials}
+    owners = {t.user_attrs[keys.WORKER] for t in study.trials}
     assert len(owners) == 2, "both workers should have trained trials"
 
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -97,11 +98,24 @@ def test_two_workers_started_together_share_one_study(postgres_cluster, tmp_path
 
 def _other_host() -> tuple[str, ...]:
     """Run a worker under another hostname (a UTS namespace) when allowed, so that its death
-    can only be seen through its missing heartbeat, as for a worker on another machine."""
+    can only be seen through its missing heartbeat, as for a worker on another machine. Under
+    CI the namespace is required: without it the test would check the weaker same-host path."""
     if shutil.which("unshare") and subprocess.run(
             ["unshare", "-u", "hostname", "other-machine"], capture_output=True).returncode == 0:
         return ("unshare", "-u", "sh", "-c", 'hostname other-machine && exec "$@"', "sh")
+    if os.environ.get("CI"):
+        pytest.fail("unshare -u (util-linux, as root) is needed to run a worker as another host")
     return ()
+
+
+def _training_in(optuna_url: str, pid: int) -> bool:
+    """A trial of worker `pid` is RUNNING and has reported an epoch."""
+    try:
+        trials = optuna.load_study(study_name="smoke", storage=optuna_url).trials
+    except Exception:  # not created yet
+        return False
+    return any(t.state == TrialState.RUNNING and t.intermediate_values
+               and f":{pid}:" in t.user_attrs.get(keys.WORKER, "") for t in trials)
 
 
 def test_a_killed_worker_trial_is_retried_and_the_study_completes(postgres_cluster, tmp_path):
@@ -111,8 +125,8 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(postgres_clust
     prefix = _other_host()
     doomed = Sweep(tmp_path, *overrides, prefix=prefix, OMP_NUM_THREADS="1")
     survivor = Sweep(tmp_path, *overrides, OMP_NUM_THREADS="1")
-    doomed.wait_for("] trial")
-    time.sleep(1.0)  # its next trial is training now
+    doomed.wait_for("] trial")  # one trial done, then until its next one is training
+    wait_for_state(lambda: _training_in(optuna_url, doomed.proc.pid), "doomed never trained")
     doomed.proc.send_signal(signal.SIGKILL)
     doomed.proc.wait(timeout=10)
     finish(survivor)
@@ -122,8 +136,8 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(postgres_clust
     assert states.count(TrialState.COMPLETE) == 6 and states.count(TrialState.FAIL) == 1
     dead = next(t for t in study.trials if t.state == TrialState.FAIL)
     if prefix:
-        assert dead.user_attrs[liveness.WORKER_ATTR].startswith("other-machine:")
-    retry = next(t for t in study.trials if t.user_attrs.get(RETRY_ATTR) == dead.number)
+        assert dead.user_attrs[keys.WORKER].startswith("other-machine:")
+    retry = next(t for t in study.trials if t.user_attrs.get(keys.RETRY_OF) == dead.number)
     assert retry.state == TrialState.COMPLETE and retry.params == dead.params
     out = "".join(survivor.output)
     assert f"trial {dead.number} was left running by a process that died" in out

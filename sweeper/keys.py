@@ -1,0 +1,36 @@
+"""Every key sweeper writes into Optuna and MLflow, defined once (metric names live in
+lightning_modules/metrics.py). The values are stored in users' databases: never rename one."""
+
+# Optuna study user attributes.
+IDENTITY = "sweeper.identity"  # what makes the study's trials comparable; a resume must match it
+LEGACY_CONFIG = "sweeper.config"  # studies made before RECIPE: the config of their latest run
+STARTS = "sweeper.starts"  # how many times a worker opened the study (seeds its sampler)
+REPEAT = "sweeper.repeat"  # REPEAT.N.K: seed repeat K of trial N (its result, or a claim on it)
+RECOVERED = "sweeper.recovered"  # RECOVERED.N: trial N was left running by a dead worker
+
+# Optuna trial user attributes.
+RECIPE = "sweeper.recipe"  # the settings the trial trained with (seed, data, model, augment, ...)
+WORKER = "sweeper.worker"  # who holds a RUNNING trial (see liveness.py)
+RETRY_OF = "sweeper.retry_of"  # on a trial that re-runs a failed trial's configuration
+CHECKPOINT = "sweeper.checkpoint"  # absolute path of the kept weights (top search.keep_top_k)
+MLFLOW_RUN_ID = "mlflow_run_id"
+N_PARAMS = "n_params"
+ERROR = "error"
+SECONDS = "seconds"
+POPULATION = "population"  # members of the population the trial trained in
+WIDTH = "width"  # the width that a searched `size` resolved to
+
+# Keys inside a seed repeat's record (REPEAT.N.K).
+CLAIMED_BY, CLAIM_BEAT = "worker", "beat"  # a repeat being trained, and when it last said so
+DIVERGED = "diverged"  # the repeat ended in NaN/inf: excluded from means, reported as such
+RUN_ID, SEED = "run_id", "seed"
+
+# MLflow run tags.
+ROLE_TAG = "sweeper.role"  # parent | trial | repeat
+REPEAT_TAG = "sweeper.repeat"  # seed index of a repeat run (the trial itself is 0)
+STUDY_TAG = "sweeper.study"
+TRIAL_TAG = "optuna.trial_number"
+STATE_TAG = "optuna.state"  # COMPLETE | PRUNED | FAIL
+DATA_TAG = "data.source"
+ERROR_TAG = "sweeper.error"
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"

@@ -1,0 +1,133 @@
+"""How a trial ends: told to Optuna, its MLflow run closed, its weights kept or dropped.
+
+`conclude` ends a trial this worker trained; `release` ends one it holds but cannot finish
+(Ctrl-C, or an error outside the trial's own training) and queues its configuration again;
+`recover_dead_trials` does the same for trials whose worker died. Every move out of RUNNING is
+one atomic compare-and-set in the storage, so two workers never both end (and re-queue) one
+trial, and a trial that ends normally is never relabelled dead.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import optuna
+import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
+from lightning_modules.models import Architecture
+from sweeper import checkpoints, keys, liveness
+from sweeper.config import Config
+from sweeper.data import Splits
+from sweeper.tracking import Tracker
+
+AnyTrial = optuna.Trial | FrozenTrial
+
+
+def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Splits,
+             tracker: Tracker, run_id: str | None, arch: Architecture | None,
+             history: list[dict[str, float]], net: torch.nn.Module | None, pruned: bool,
+             error: str | None, seconds: float) -> FrozenTrial:
+    """Tell Optuna how the trial ended, keep its weights if it is among the best, end its run."""
+    summary: dict[str, float] = {EPOCHS_RUN: len(history)}
+    if history:
+        best = max(range(len(history)), key=lambda i: history[i][VAL_ACC])
+        summary |= {BEST_VAL_ACC: history[best][VAL_ACC], BEST_EPOCH: best + 1}
+        for k, v in history[-1].items():
+            trial.set_user_attr(k, v)
+    for k, v in summary.items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr(keys.SECONDS, seconds)
+    if error is None and not history:
+        error = "no epoch finished"
+    if error is not None:
+        trial.set_user_attr(keys.ERROR, error)
+        study.tell(trial, state=TrialState.FAIL)
+        state = "FAIL"
+    elif pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        state = "PRUNED"
+    else:
+        value = history[-1][VAL_ACC] if cfg.search.objective == "final" else summary[BEST_VAL_ACC]
+        # Weights first, so a kept trial always has its file; then drop those out of the top k.
+        assert net is not None and arch is not None
+        path = checkpoints.save(cfg, trial.number, net, arch, splits, history[-1])
+        trial.set_user_attr(keys.CHECKPOINT, str(path))
+        study.tell(trial, value)
+        checkpoints.keep_top_k(study, cfg.search.keep_top_k)
+        state = "COMPLETE"
+    if run_id is not None:
+        tracker.end_trial(run_id, state, summary, error=error)
+    return study.get_trials(deepcopy=False)[trial.number]
+
+
+def fail_if_running(study: optuna.Study, trial: AnyTrial) -> bool:
+    """RUNNING -> FAIL in one storage transaction; False when the trial had already ended."""
+    try:
+        return bool(study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
+    except UpdateFinishedTrialError:
+        return False
+
+
+def requeue(study: optuna.Study, trial: AnyTrial) -> None:
+    """Queue the trial's configuration to run first, as a new trial that names its original."""
+    if trial.params:
+        study.enqueue_trial(trial.params, user_attrs={keys.RETRY_OF: trial.number})
+
+
+def release(study: optuna.Study, trial: AnyTrial, tracker: Tracker, why: str,
+            interrupted: bool) -> bool:
+    """A trial this worker holds but will not finish: it fails with `why`, its configuration is
+    queued again, and its MLflow run ends KILLED (interrupted) or FAILED. False when the trial
+    had already ended."""
+    if interrupted and threading.current_thread() is threading.main_thread():
+        # Lightning ignores SIGINT while it shuts down; give Ctrl-C back its usual meaning.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, keys.ERROR, why)
+    except UpdateFinishedTrialError:
+        return False
+    if not fail_if_running(study, trial):
+        return False
+    requeue(study, trial)
+    frozen = study._storage.get_trial(trial._trial_id)
+    if run_id := frozen.user_attrs.get(keys.MLFLOW_RUN_ID):
+        tracker.end_trial(run_id, "FAIL", {}, error=why,
+                          status="KILLED" if interrupted else "FAILED")
+    return True
+
+
+class DeadTrials:
+    """The storage's heartbeat_stale_trial_callback (Optuna's retry mechanism): Optuna calls it
+    once for each trial it moved from RUNNING to FAIL itself, so only that worker re-queues it."""
+
+    def __init__(self) -> None:
+        self.tracker: Tracker | None = None
+        self.found: list[int] = []
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        study.set_user_attr(f"{keys.RECOVERED}.{trial.number}", "worker died while running it")
+        requeue(study, trial)
+        if self.tracker is not None and (run_id := trial.user_attrs.get(keys.MLFLOW_RUN_ID)):
+            self.tracker.end_trial(run_id, "FAIL", {}, error="worker died", status="KILLED")
+        self.found.append(trial.number)
+
+
+def recover_dead_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Under the study lock: trials left RUNNING by a worker that died (kill -9, power loss, a
+    lost machine) fail, their MLflow runs end KILLED and their configurations run again.
+    Dead means: silent past the heartbeat grace period (any host); owned by a process of this
+    machine and pid namespace that is gone; or never stamped with an owner, which every worker
+    does under this lock in the moment it asks, so the asker died before it could."""
+    dead = study._storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
+    assert isinstance(dead, DeadTrials), "open the storage with study.open_storage"
+    dead.tracker, dead.found = tracker, []
+    optuna.storages.fail_stale_trials(study)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(keys.WORKER)
+        if (owner is None or liveness.is_dead_here(owner)) and fail_if_running(study, t):
+            dead(study, study._storage.get_trial(t._trial_id))
+    return dead.found

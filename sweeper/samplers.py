@@ -1,0 +1,83 @@
+"""search.sampler / search.pruner -> Optuna objects, and the grid sampler our ask/tell loop
+needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper import search_space
+from sweeper.config import Config
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler counts a FAILED trial's point as visited (so after a crashed or
+    diverged trial the failed point never runs and a finished one runs twice), and hands the
+    first trials their points by trial number whatever happened to them. Here each asked trial
+    takes, in the (seeded) grid order: a point whose trials all failed, else a point never
+    started; a point with a complete, pruned, running or queued trial is never taken again while
+    another remains. An enqueued trial (a retry) keeps the point its parameters name. It never
+    calls Study.stop(), which only works inside optimize(): our loop stops at the grid size."""
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        storage = study._storage
+        fixed = trial.system_attrs.get("fixed_params")
+        if fixed is not None:
+            grid_id = self._point_of(fixed)
+        else:
+            taken: set[int] = set()
+            failed: set[int] = set()
+            for t in storage.get_all_trials(study._study_id, deepcopy=False):
+                point = self._point(t)
+                if point is not None and t.number != trial.number:
+                    (failed if t.state == TrialState.FAIL else taken).add(point)
+            order = range(len(self._all_grids))
+            grid_id = next((i for i in order if i in failed and i not in taken),
+                           next((i for i in order if i not in taken and i not in failed), None))
+        if grid_id is None:  # every point is done or being done; Optuna would stop here
+            grid_id = int(self._rng.rng.choice(len(self._all_grids)))
+        storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+        storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
+
+    def _point(self, t: FrozenTrial) -> int | None:
+        if "grid_id" in t.system_attrs and self._same_search_space(t.system_attrs["search_space"]):
+            return int(t.system_attrs["grid_id"])
+        if t.state == TrialState.WAITING and "fixed_params" in t.system_attrs:
+            return self._point_of(t.system_attrs["fixed_params"])
+        return None
+
+    def _point_of(self, params: dict[str, Any]) -> int | None:
+        values = tuple(params.get(name) for name in self._param_names)
+        return next((i for i, g in enumerate(self._all_grids) if tuple(g) == values), None)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        pass
+
+
+def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
+    s = cfg.search
+    if s.sampler == "tpe":
+        # constant_liar: concurrent workers do not all sample next to the same running trial.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "grid":
+        # The seed shuffles the grid, and grid ids index that order: every run and every worker
+        # of a study must see the same order, so the grid's seed is the study's.
+        return AskTellGridSampler(search_space.grid(s.space), seed=cfg.seed)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    s = cfg.search
+    if s.pruner == "median":
+        # Steps are epochs from 1; n_warmup_steps=w+1 leaves epochs 1..w unpruned.
+        return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
+                                           n_warmup_steps=s.pruner_warmup_epochs + 1)
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.trainer.max_epochs)
+    return optuna.pruners.NopPruner()

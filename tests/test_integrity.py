@@ -1,0 +1,330 @@
+"""A study's record is true: no incomparable trials, no error reported as Ctrl-C, no grid point
+skipped, no live trial taken for dead, no diverged repeat averaged in (issue 13)."""
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from lightning_modules.metrics import VAL_ACC
+from sweeper import (
+    checkpoints,
+    data,
+    export,
+    keys,
+    liveness,
+    outcome,
+    population,
+    recipe,
+    repeats,
+    training,
+)
+from sweeper.config import ParamSpec
+from sweeper.errors import UserError
+from sweeper.study import open_study, run_study
+from sweeper.tracking import Tracker
+from tests.test_faults import _poison_after
+from tests.test_study import REPO, runs, sweep
+
+
+def test_resume_with_another_training_recipe_is_refused_naming_the_keys(tiny_cfg, tmp_path):
+    tiny_cfg.trainer.max_epochs, tiny_cfg.search.n_trials = 1, 1
+    run_study(tiny_cfg)
+    tiny_cfg.search.n_trials = 2
+    tiny_cfg.trainer.max_epochs, tiny_cfg.trainer.optimizer = 3, "sgd"
+    tiny_cfg.trainer.lr_schedule = "constant"
+    with pytest.raises(UserError) as e:
+        run_study(tiny_cfg)
+    msg = str(e.value)
+    for key in ("trainer.lr_schedule", "trainer.max_epochs", "trainer.optimizer"):
+        assert key in msg
+    assert "(study 1, this run 3)" in msg and "\n" not in msg
+    tiny_cfg.trainer.max_epochs, tiny_cfg.trainer.optimizer = 1, "adam"
+    tiny_cfg.trainer.lr_schedule = "cosine"
+    # A fixed model value changes what trials learn; the fixed width is unused (width is
+    # searched), so it may change.
+    tiny_cfg.model.dropout = 0.5
+    with pytest.raises(UserError, match=r"model.dropout \(study 0.2, this run 0.5\)"):
+        run_study(tiny_cfg)
+    tiny_cfg.model.dropout, tiny_cfg.model.width = 0.2, 999
+    for augment_key in ("rotate", "label_noise"):
+        bad = tiny_cfg.augment if augment_key == "rotate" else tiny_cfg.data
+        old = getattr(bad, augment_key)
+        setattr(bad, augment_key, 0.3)
+        with pytest.raises(UserError, match=augment_key):
+            run_study(tiny_cfg)
+        setattr(bad, augment_key, old)
+    # What may change on a resume: budget, stores' places, checkpoints, heartbeat, confirm.
+    tiny_cfg.search.keep_top_k, tiny_cfg.search.checkpoint_dir = 1, str(tmp_path / "ckpt")
+    tiny_cfg.search.heartbeat_interval_s, tiny_cfg.search.heartbeat_grace_s = 5, 30
+    tiny_cfg.confirm.top_k, tiny_cfg.trainer.eval_batch_size = 1, 333
+    assert len(run_study(tiny_cfg).trials) == 2
+
+
+def test_a_resume_with_another_recipe_is_one_line_exit_2(tmp_path):
+    first = sweep(tmp_path, "+experiment=smoke", "search.n_trials=1", "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr
+    second = sweep(tmp_path, "+experiment=smoke", "search.n_trials=2", "trainer.max_epochs=2",
+                   "trainer.lr_schedule=constant", "trainer.optimizer=sgd")
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sweeper: error: study 'smoke'")
+    assert "trainer.max_epochs" in lines[0] and "trainer.optimizer" in lines[0]
+
+
+def test_export_refit_and_repeats_use_the_trials_own_recipe(tiny_cfg, tmp_path, monkeypatch):
+    tiny_cfg.trainer.max_epochs, tiny_cfg.search.pruner = 1, "none"
+    tiny_cfg.search.keep_top_k = 2
+    study = run_study(tiny_cfg)
+    for t in study.trials:
+        assert t.user_attrs[keys.RECIPE] == json.loads(json.dumps(recipe.of_config(tiny_cfg)))
+    # A later run with another recipe may not join (before: it joined, and its config became
+    # what refit and repeats used for every trial).
+    later = copy.deepcopy(tiny_cfg)
+    later.trainer.max_epochs = 3
+    with pytest.raises(UserError, match=r"trainer\.max_epochs"):
+        run_study(later)
+
+    specs: list[training.TrialSpec] = []
+    fit = training.fit
+
+    def spy(module, spec, splits, on_epoch):
+        specs.append(spec)
+        return fit(module, spec, splits, on_epoch)
+
+    monkeypatch.setattr(training, "fit", spy)
+    out = tmp_path / "refit"
+    assert export.main(["--study", "tiny", "--trial", "0", "--refit", "--out", str(out),
+                        "--storage", tiny_cfg.search.storage, "--no-mlflow"]) == 0
+    assert [s.max_epochs for s in specs] == [1]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["config"]["trainer"]["max_epochs"] == 1
+    # The metrics describe the exported (refit) weights, and say so.
+    m = meta["metrics"]
+    assert m["weights"] == "refit on train+validation" and m["epochs"] == 1
+    assert m["trained_on"] == 5000 and 0 < m["train_acc"] <= 1 and VAL_ACC not in m
+    assert meta["trial_metrics"][VAL_ACC] == study.trials[0].user_attrs[VAL_ACC]
+
+    specs.clear()
+    tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 2, 1
+    run_study(tiny_cfg)
+    assert [s.max_epochs for s in specs] == [1]  # the repeat, with the trial's recipe
+
+
+def test_an_error_in_a_seed_repeat_fails_that_repeat_not_the_run(tiny_cfg, monkeypatch, capsys):
+    tiny_cfg.search.pruner = "none"
+    tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 2, 1
+    fit, calls = training.fit, []
+
+    def oom_in_repeats(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > tiny_cfg.search.n_trials:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", oom_in_repeats)
+    study = run_study(tiny_cfg)  # before: KeyboardInterrupt, exit 130, message lost
+    best = study.best_trial.number
+    record = study.user_attrs[f"{keys.REPEAT}.{best}.1"]
+    assert "CUDA out of memory" in record[keys.ERROR]
+    assert f"trial {best:3d} seed 1: " in (out := capsys.readouterr().out)
+    assert "FAILED (RuntimeError: CUDA out of memory" in out
+    client, parents, _ = runs(tiny_cfg.tracking.uri, "tiny")
+    repeat = client.get_run(record[keys.RUN_ID])
+    assert repeat.info.status == "FAILED"
+    assert "CUDA out of memory" in repeat.data.tags[keys.ERROR_TAG]
+    assert parents[0].info.status == "FINISHED"
+    monkeypatch.setattr(training, "fit", fit)
+    run_study(tiny_cfg)  # the failed repeat runs again
+    assert VAL_ACC in optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage
+                                        ).user_attrs[f"{keys.REPEAT}.{best}.1"]
+
+
+@pytest.mark.parametrize("pop", [1, 2])
+def test_an_unexpected_error_fails_the_run_with_its_message(tiny_cfg, monkeypatch, pop):
+    tiny_cfg.search.population, tiny_cfg.search.pruner = pop, "none"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):  # before: KeyboardInterrupt (pop 2)
+        run_study(tiny_cfg)
+    study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == pop and not [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert all("No space left" in t.user_attrs[keys.ERROR] for t in failed)
+    assert len([t for t in study.trials if t.state == TrialState.WAITING]) == pop  # queued
+    _, parents, children = runs(tiny_cfg.tracking.uri, "tiny")
+    assert parents[0].info.status == "FAILED"  # before: FINISHED
+    assert sorted(c.info.status for c in children) == ["FAILED"] * pop
+
+
+def test_an_interrupted_population_explores_as_many_architectures(tiny_cfg, monkeypatch,
+                                                                  tmp_path):
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 6
+    tiny_cfg.trainer.max_epochs, tiny_cfg.search.pruner = 1, "none"
+    tiny_cfg.search.space = {"depth": ParamSpec("int", low=1, high=3),
+                             "width": ParamSpec("int", low=16, high=128, log=True),
+                             "lr": ParamSpec("float", low=1e-4, high=3e-3, log=True)}
+
+    def shapes(study):
+        return {(t.params["depth"], t.params["width"]) for t in study.trials
+                if t.state == TrialState.COMPLETE}
+
+    uninterrupted = shapes(run_study(tiny_cfg))
+    assert len(uninterrupted) == 3
+
+    tiny_cfg.search.study_name = "interrupted"
+    fit = population.fit_population
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(population, "fit_population", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_cfg)
+    monkeypatch.setattr(population, "fit_population", fit)
+    study = run_study(tiny_cfg)
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 6
+    assert len(shapes(study)) == len(uninterrupted)  # before: 2 (the interrupted shape twice)
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]
+
+
+def test_grid_retries_a_failed_point_first_and_never_repeats_a_finished_one(tiny_cfg,
+                                                                            monkeypatch):
+    tiny_cfg.trainer.max_epochs, tiny_cfg.search.pruner = 1, "none"
+    tiny_cfg.search.sampler, tiny_cfg.search.n_trials = "grid", 3
+    tiny_cfg.search.space = {"width": ParamSpec("int", low=16, high=48, step=16)}
+    fit, calls = training.fit, []
+
+    def crash_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", crash_first)
+    study = run_study(tiny_cfg)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    assert trials[1].params == trials[0].params  # the failed point, first
+    assert sorted(t.params["width"] for t in trials[1:]) == [16, 32, 48]  # each point once
+
+
+def test_recovery_never_relabels_a_trial_that_ended_normally(tiny_cfg, monkeypatch):
+    splits = data.load_splits(tiny_cfg.data, tiny_cfg.seed, torch.device("cpu"))
+    study = open_study(tiny_cfg, splits)
+    tracker = Tracker(tiny_cfg.tracking.uri, None, "tiny")
+    trial = study.ask({"width": optuna.distributions.IntDistribution(16, 64)})
+    trial.suggest_int("width", 16, 64)
+    trial.set_user_attr(keys.WORKER, liveness.this_worker())  # alive: this process
+
+    def owner_fails_it_meanwhile(s):  # the owner ends it normally while recovery looks
+        s.tell(trial.number, state=TrialState.FAIL)
+
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", owner_fails_it_meanwhile)
+    assert outcome.recover_dead_trials(study, tracker) == []
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # nothing re-queued
+
+
+def test_a_trial_never_stamped_by_its_asker_is_recovered_at_once(tiny_cfg):
+    splits = data.load_splits(tiny_cfg.data, tiny_cfg.seed, torch.device("cpu"))
+    study = open_study(tiny_cfg, splits)
+    trial = study.ask()  # its worker died before it could stamp it (under the study lock)
+    trial.suggest_int("width", 16, 64)
+    tracker = Tracker(tiny_cfg.tracking.uri, None, "tiny")
+    assert outcome.recover_dead_trials(study, tracker) == [0]
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].user_attrs[keys.RETRY_OF] == 0
+
+
+def _unshare_pid() -> list[str] | None:
+    """A command prefix that runs in a new pid namespace, or None where that is not allowed."""
+    cmd = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if shutil.which("unshare") and subprocess.run([*cmd, "true"],
+                                                  capture_output=True).returncode == 0:
+        return cmd
+    return None
+
+
+def test_a_worker_in_another_pid_namespace_is_not_taken_for_dead():
+    prefix = _unshare_pid()
+    if prefix is None:
+        why = "unshare --pid is not available (util-linux, and root or user namespaces)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must run this test")
+        pytest.skip(why)
+    code = ("import sys; from sweeper import liveness; print(liveness.this_worker(), "
+            "flush=True); sys.stdin.read()")
+    other = subprocess.Popen([*prefix, sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert other.stdout is not None
+        worker = other.stdout.readline().strip()
+        # Same host name and boot, another pid namespace: its pid (1 or 2) means nothing here.
+        assert worker.startswith(liveness.this_machine().rsplit(":", 1)[0])
+        assert not liveness.is_dead_here(worker)
+    finally:
+        other.communicate("", timeout=30)
+    # In this namespace, a gone process is dead; on another boot, nothing can be said.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    assert liveness.is_dead_here(f"{liveness.this_machine()}:{gone}:123")
+    host, _boot, ns = liveness.this_machine().split(":")
+    assert not liveness.is_dead_here(f"{host}:another-boot:{ns}:{gone}:123")
+
+
+def test_a_repeat_claimed_by_a_silent_worker_elsewhere_is_taken_over(tiny_cfg):
+    tiny_cfg.search.pruner = "none"
+    study = run_study(tiny_cfg)
+    best = study.best_trial.number
+    stale = {keys.CLAIMED_BY: "other-machine:boot:1:123:456",
+             keys.CLAIM_BEAT: time.time() - 10 * tiny_cfg.search.heartbeat_grace_s}
+    study.set_user_attr(f"{keys.REPEAT}.{best}.1", stale)
+    fresh = stale | {keys.CLAIM_BEAT: time.time() + 3600}  # alive for the whole test
+    study.set_user_attr(f"{keys.REPEAT}.{best}.2", fresh)
+    tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 3, 1
+    attrs = run_study(tiny_cfg).user_attrs
+    assert VAL_ACC in attrs[f"{keys.REPEAT}.{best}.1"]  # before: skipped forever
+    assert attrs[f"{keys.REPEAT}.{best}.2"] == fresh  # still being trained elsewhere
+
+
+def test_diverged_repeats_are_left_out_of_the_means_and_reported(tiny_cfg, monkeypatch,
+                                                                 capsys):
+    tiny_cfg.search.pruner = "none"
+    tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 3, 1
+    build, calls = training.build, []
+    poisoned = _poison_after(build, 5)
+
+    def second_repeat_diverges(spec, splits):
+        calls.append(spec)
+        return poisoned(spec, splits) if len(calls) == 4 else build(spec, splits)
+
+    monkeypatch.setattr(training, "build", second_repeat_diverges)
+    study = run_study(tiny_cfg)
+    best = study.best_trial.number
+    seeds = repeats.results(study)[best]
+    assert len(seeds) == 2 and all(math.isfinite(s[VAL_ACC]) for s in seeds)
+    assert repeats.diverged(study) == {best: 1}
+    out = capsys.readouterr().out
+    assert f"trial {best:3d} seed 2: " in out and "diverged (train_loss=nan" in out
+    assert "(2 seeds, 1 diverged)" in out
+
+
+def test_population_and_study_modules_do_not_import_each_other():
+    code = ("import sys, sweeper.population, sweeper.outcome, sweeper.repeats; "
+            "print('sweeper.study' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "False", out.stderr
