@@ -1,25 +1,52 @@
 """`python -m sweeper +experiment=NAME [overrides]`: run (or resume) one Optuna study."""
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweeper.config import check_overrides, to_config, validate
-from sweeper.errors import UserError, one_line
+from sweeper.config import check_composes, check_overrides, to_config, validate
+from sweeper.errors import Refused, UserError, one_line
+
+
+def check_output_folder() -> None:
+    """Hydra makes its run folder under mlruns/ before our code runs."""
+    if Path("mlruns").exists() and not Path("mlruns").is_dir():
+        raise UserError(f"{Path('mlruns').resolve()} is a file: the runtime folder mlruns/ "
+                        "must be a folder; move the file away")
+
+
+def remove_run_folder(folder: Path) -> None:
+    """Hydra's run folder and the parents it made, up to the first that holds anything else."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.resolve().parents:
+        if parent == Path.cwd().resolve():
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
     debug = bool(raw.get("debug")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        cfg = to_config(raw)
-        validate(cfg)
+        try:
+            cfg = to_config(raw)
+            validate(cfg)
+        except UserError as e:
+            raise Refused(str(e)) from None
         from sweeper.study import run_study  # heavy imports only after the config is sound
 
         run_study(cfg)
     except UserError as e:
+        if isinstance(e, Refused):  # nothing was written: the run leaves no folder behind
+            remove_run_folder(Path(HydraConfig.get().runtime.output_dir))
         if debug:
             raise
         print(f"sweeper: error: {e}", file=sys.stderr)
@@ -37,6 +64,8 @@ def main(raw: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         check_overrides(sys.argv[1:])
+        check_composes(sys.argv[1:])
+        check_output_folder()
     except UserError as e:
         print(f"sweeper: error: {e}", file=sys.stderr)
         sys.exit(2)

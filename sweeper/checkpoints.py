@@ -10,14 +10,14 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from lightning_modules.models import Architecture, build_model
 from sweeper import keys
 from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.errors import UserError
-from sweeper.tracking import sqlite_path
+from sweeper.stores import sqlite_path
 
 
 def folder(cfg: Config) -> Path:
@@ -31,7 +31,8 @@ def folder(cfg: Config) -> Path:
 
 def save(cfg: Config, number: int, net: torch.nn.Module, arch: Architecture, splits: Splits,
          metrics: dict[str, float]) -> Path:
-    path = folder(cfg) / f"trial-{number:03d}.pt"
+    """Returns the absolute path: export finds it from any folder."""
+    path = (folder(cfg) / f"trial-{number:03d}.pt").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                 "arch": asdict(arch), "in_shape": list(splits.in_shape),
@@ -48,11 +49,32 @@ def keep_top_k(study: optuna.Study, k: int) -> None:
         Path(t.user_attrs[keys.CHECKPOINT]).unlink(missing_ok=True)
 
 
+def load_trial(study: optuna.Study, trial: FrozenTrial, storage: str
+               ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The kept weights of a complete trial. Studies made before paths were stored absolute
+    hold them relative to the folder the sweep ran in: beside the Optuna SQLite file's folder."""
+    stored = trial.user_attrs.get(keys.CHECKPOINT)
+    if stored is None:
+        raise UserError(f"trial {trial.number} has no checkpoint (it is not COMPLETE); "
+                        "export --refit retrains it")
+    path = Path(stored)
+    db = sqlite_path(storage)
+    if not path.is_absolute() and not path.is_file() and db is not None:
+        path = db.resolve().parent.parent / path
+    if not path.is_file():
+        complete = sorted((t for t in study.get_trials(deepcopy=False, states=(
+            TrialState.COMPLETE,)) if t.value is not None), key=lambda t: -(t.value or 0))
+        rank = [t.number for t in complete].index(trial.number) + 1
+        raise UserError(f"{path}: checkpoint not found (the trial ranks {rank} of "
+                        f"{len(complete)}: only the best search.keep_top_k keep their weights, "
+                        "or the file was moved); export --refit retrains the trial")
+    return load(path)
+
+
 def load(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(the trained network in eval mode, the checkpoint's metadata)"""
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found (only the top search.keep_top_k trials "
-                        "keep their weights; export --refit retrains any trial)")
+        raise UserError(f"{path}: checkpoint not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     arch = Architecture(**(ckpt["arch"] | {"hidden": tuple(ckpt["arch"]["hidden"])}))
     net = build_model(arch, ckpt["in_shape"], ckpt["n_classes"])

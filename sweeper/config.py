@@ -3,8 +3,11 @@ dataclasses once, at the entry point, and `validate` rejects bad values before a
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -23,6 +26,7 @@ LR_SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "affine", "elastic")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STORAGE_SCHEMES = ("sqlite", "postgresql")
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # also the default of export/report --storage
 DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"  # Optuna storages whose study lock we implement
 
@@ -192,6 +196,54 @@ def check_overrides(overrides: list[str]) -> None:
                             f"conf/{o.key_or_group}/ (e.g. {o.key_or_group}=NAME)")
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def check_composes(overrides: list[str]) -> None:
+    """Compose the config as Hydra will, and turn Hydra's multi-line errors (unknown key,
+    missing experiment or group choice) into one line with the closest valid name."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    plain = [o for o in overrides if not o.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose("config", overrides=plain)
+    except MissingConfigException as e:
+        lines = str(e).splitlines()
+        missing = re.search(r"Could not find '([^']+)/([^']+)'", lines[0])
+        options = [ln.strip() for ln in lines if ln.startswith("\t") and "=" not in ln]
+        if missing is None:
+            raise UserError(lines[0]) from None
+        group, name = missing.groups()
+        raise UserError(f"{group}={name}: no conf/{group}/{name}.yaml{_closest(name, options)}; "
+                        f"choose one of: {', '.join(options)}") from None
+    except ConfigCompositionException as e:
+        bad = re.search(r"Could not override '([^']+)'", str(e))
+        if bad is None:
+            raise UserError(" ".join(str(e).split())[:300]) from None
+        key = bad.group(1)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            known = _keys(compose("config", overrides=[o for o in plain if "experiment=" in o]))
+        raise UserError(f"{key}: no such setting" + (_closest(key, known) or
+                                                      f" (to add a new key, write +{key}=...)")
+                        ) from None
+
+
+def _keys(cfg: Any, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, DictConfig):
+            out += _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def _closest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Merge the composed YAML into the schema: type errors and unknown keys surface here."""
     space = OmegaConf.select(cfg, "search.space")
@@ -260,6 +312,10 @@ def validate(cfg: Config) -> None:
     _check(s.storage.split(":", 1)[0].split("+", 1)[0] in STORAGE_SCHEMES,
            f"search.storage={s.storage}: use sqlite:///PATH (one machine) or "
            "postgresql://USER:PASSWORD@HOST/DB (workers on many machines)")
+    scheme = cfg.tracking.uri.split(":", 1)[0].split("+", 1)[0]
+    _check(":" in cfg.tracking.uri and scheme in TRACKING_SCHEMES,
+           f"tracking.uri={cfg.tracking.uri}: use sqlite:///PATH/mlflow.db, http(s)://HOST:PORT "
+           f"(an MLflow server) or a database URL ({', '.join(TRACKING_SCHEMES)})")
     _one_of("search.sampler", s.sampler, SAMPLERS)
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)

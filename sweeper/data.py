@@ -180,6 +180,9 @@ def load_splits(cfg: DataConfig, seed: int, device: torch.device) -> Splits:
 def make_splits(ds: Dataset, val_size: int, seed: int, device: torch.device,
                 train_size: int | None = None, label_noise: float = 0.0) -> Splits:
     n = len(ds.labels)
+    if n < 2:
+        raise UserError(f"{ds.source} has {n} image(s): too few to split into training and "
+                        "validation")
     if not 0 < val_size < n:
         raise UserError(f"data.val_size={val_size} must be between 1 and {n - 1} "
                         f"({ds.source} has {n:,} images)")

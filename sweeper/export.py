@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,8 +35,9 @@ from lightning_modules.metrics import (
     TRAIN_LOSS,
     VAL_ACC,
 )
+from sweeper import faultpoints
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
-from sweeper.errors import UserError
+from sweeper.errors import UserError, one_line
 
 # Largest |logit difference| allowed between an exported file and the trained model, checked on
 # every export (float32 reorderings in ONNX Runtime stay far below it).
@@ -181,6 +185,8 @@ def refit(cfg: Config, params: dict[str, Any], number: int
 
 def log_to_mlflow(tracking_uri: str, run_id: str | None, model: Exported, out: Path,
                   study: str) -> str:
+    """Log the model and the export's files to the trial's run, by id: the run's status is
+    never touched (no active run is opened on it), whatever stops the export."""
     import logging
 
     import mlflow
@@ -190,12 +196,34 @@ def log_to_mlflow(tracking_uri: str, run_id: str | None, model: Exported, out: P
     mlflow.set_tracking_uri(tracking_uri)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="export"):
-            # MLflow 3 stores PyTorch models as torch.export graphs ('pt2'), traced from an example
-            info = mlflow.pytorch.log_model(model, name="model", registered_model_name=study,
-                                            input_example=np.zeros((1, 1, 28, 28), np.float32))
-            mlflow.log_artifacts(str(out), artifact_path="export")
+        # MLflow 3 stores PyTorch models as torch.export graphs ('pt2'), traced from an example
+        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=study,
+                                        input_example=np.zeros((1, 1, 28, 28), np.float32),
+                                        run_id=run_id)
+        faultpoints.reached("export-mlflow")
+        if run_id is not None:
+            mlflow.MlflowClient(tracking_uri).log_artifacts(run_id, str(out), "export")
     return f"{study} version {info.registered_model_version}"
+
+
+def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
+    """Everything the export reads or writes, checked before any training or writing. Returns
+    the Kaggle test images when --kaggle-test is given."""
+    from sweeper import kaggle, stores
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder (it is made if missing)")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: cannot write in {parent}")
+    db = stores.sqlite_path(args.storage)
+    if db is not None and not db.is_file():
+        raise UserError(f"--storage {args.storage}: no such file (run this where the sweep ran, "
+                        "or pass --storage sqlite:///PATH/optuna.db)")
+    if not args.no_mlflow:
+        stores.check_reachable(args.tracking_uri, "--tracking-uri")
+    return kaggle.read_test(args.kaggle_test) if args.kaggle_test else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,19 +243,25 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sweeper.export: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sweeper.export: interrupted (the study's record is unchanged)", file=sys.stderr)
+        return 130
     return 0
 
 
 def run(args: argparse.Namespace) -> None:
     import optuna
 
-    from sweeper import checkpoints, data, kaggle, keys, recipe
+    from sweeper import checkpoints, data, keys, recipe
 
+    kaggle_images = check_inputs(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=args.study, storage=args.storage)
     except KeyError:
         raise UserError(f"no study {args.study!r} in {args.storage}") from None
+    except Exception as e:  # not an Optuna database, unreachable server
+        raise UserError(f"--storage {args.storage}: {one_line(e, 200)}") from None
     trial = choose_trial(study, args.trial)
     cfg = recipe.of_trial(study, trial)  # the settings this trial trained with
     a = trial.user_attrs
@@ -242,53 +276,62 @@ def run(args: argparse.Namespace) -> None:
         metrics = {"weights": "refit on train+validation", **measured,
                    keys.N_PARAMS: trial_metrics[keys.N_PARAMS]}
     else:
-        net, ckpt = checkpoints.load(Path(a.get(keys.CHECKPOINT, "<none>")))
+        net, ckpt = checkpoints.load_trial(study, trial, args.storage)
         mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
         metrics = {"weights": "the trial's own (final epoch)", **trial_metrics}
     model = Exported(net, mean, std).eval()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_models(model, out)
-    diff = check_models(model, out, torch.rand(64, 1, 28, 28))
-    meta = {
-        "study": args.study, "trial": trial.number, "refit": args.refit, "params": trial.params,
-        "metrics": metrics, "trial_metrics": trial_metrics,
-        "objective": trial.value, "data_source": source,
-        "config": recipe.of_config(cfg),
-        "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "scaling": "pixel / 255",
-                  "polarity": "white digit on black (MNIST)", "normalization_in_model": True,
-                  "mean": mean, "std": std},
-        "output": {"shape": [-1, 10], "meaning": "logits for digits 0-9; softmax for "
-                   "probabilities"},
-        "max_abs_difference_to_trained_model": diff,
-    }
-    (out / "model.json").write_text(json.dumps(meta, indent=2, default=str))
-    what = ("refit on train+validation" if args.refit
-            else f"val_acc {a.get(VAL_ACC, float('nan')):.4f}")
-    print(f"exported trial {trial.number} ({what}) to "
-          f"{out}: model.pt, model.onnx, model.json (both files match the trained model to "
-          f"{diff:.1e})")
-
-    if args.kaggle_test:
-        t0 = time.perf_counter()
-        images = kaggle.read_test(args.kaggle_test)
-        labels, probs = predict(model, images)
-        write_submission(out / "submission.csv", labels, len(images))
-        print(f"submission.csv: {len(images):,} rows in {time.perf_counter() - t0:.1f}s "
-              f"(read, predict, write)")
-        predictions_png(out / "predictions.png", images, labels, probs, None, "Kaggle test")
-    else:
-        if splits is None:  # refit already loaded them
-            splits = data.load_splits(cfg.data, cfg.seed, torch.device("cpu"))
-        # validation images back to uint8 pixels for the picture and the model's contract
-        val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round().clamp(0, 255)
-        images = val.to(torch.uint8).numpy()
-        labels, probs = predict(model, images)
-        truth = splits.y_val.cpu().numpy()
-        seen = " (these images were trained on by --refit)" if args.refit else ""
-        print(f"validation accuracy of the exported model: {(labels == truth).mean():.4f}{seen}")
-        predictions_png(out / "predictions.png", images, labels, probs, truth, "validation")
-    print(f"predictions.png written to {out}")
+    # Everything is written into a side folder first and moved into --out at the end: an
+    # interrupted export leaves --out as it was.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    side = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        write_models(model, side)
+        diff = check_models(model, side, torch.rand(64, 1, 28, 28))
+        meta = {
+            "study": args.study, "trial": trial.number, "refit": args.refit,
+            "params": trial.params, "metrics": metrics, "trial_metrics": trial_metrics,
+            "objective": trial.value, "data_source": source, "config": recipe.of_config(cfg),
+            "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "scaling": "pixel / 255",
+                      "polarity": "white digit on black (MNIST)",
+                      "normalization_in_model": True, "mean": mean, "std": std},
+            "output": {"shape": [-1, 10], "meaning": "logits for digits 0-9; softmax for "
+                       "probabilities"},
+            "max_abs_difference_to_trained_model": diff,
+        }
+        (side / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+        what = ("refit on train+validation" if args.refit
+                else f"val_acc {a.get(VAL_ACC, float('nan')):.4f}")
+        print(f"exported trial {trial.number} ({what}): model.pt, model.onnx, model.json "
+              f"(both files match the trained model to {diff:.1e})")
+        if kaggle_images is not None:
+            t0 = time.perf_counter()
+            labels, probs = predict(model, kaggle_images)
+            write_submission(side / "submission.csv", labels, len(kaggle_images))
+            print(f"submission.csv: {len(kaggle_images):,} rows in "
+                  f"{time.perf_counter() - t0:.1f}s (predict, write)")
+            predictions_png(side / "predictions.png", kaggle_images, labels, probs, None,
+                            "Kaggle test")
+        else:
+            if splits is None:  # refit already loaded them
+                splits = data.load_splits(cfg.data, cfg.seed, torch.device("cpu"))
+            # validation images back to uint8 pixels for the picture and the model's contract
+            val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round()
+            images = val.clamp(0, 255).to(torch.uint8).numpy()
+            labels, probs = predict(model, images)
+            truth = splits.y_val.cpu().numpy()
+            seen = " (these images were trained on by --refit)" if args.refit else ""
+            print(f"validation accuracy of the exported model: {(labels == truth).mean():.4f}"
+                  f"{seen}")
+            predictions_png(side / "predictions.png", images, labels, probs, truth,
+                            "validation")
+        faultpoints.reached("export-written")
+        out.mkdir(exist_ok=True)
+        for f in sorted(side.iterdir()):
+            os.replace(f, out / f.name)  # atomic per file
+    finally:
+        shutil.rmtree(side, ignore_errors=True)
+    print(f"written to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
     if not args.no_mlflow:
         version = log_to_mlflow(args.tracking_uri, a.get(keys.MLFLOW_RUN_ID), model, out,

@@ -67,6 +67,11 @@ def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
         raise UserError(f"{images_path}: expected a 3-d image array, got {images.ndim}-d")
+    if images.shape[1:] != (28, 28):
+        raise UserError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]} pixels; "
+                        "the models take 28x28 (the MNIST format)")
+    if len(images) == 0:
+        raise UserError(f"{images_path}: the header says 0 images")
     if labels.ndim != 1:
         raise UserError(f"{labels_path}: expected a 1-d label array, got {labels.ndim}-d")
     if len(images) != len(labels):

@@ -32,20 +32,22 @@ def read_test(path: Path) -> np.ndarray:
 def _read(path: Path, columns: list[str], kind: str) -> np.ndarray:
     import pandas as pd
 
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give the {kind} file itself")
     if not path.is_file():
         raise UserError(f"{path}: file not found ({kind} from Kaggle's Digit Recognizer)")
-    with path.open("rb") as f:
-        header = f.readline().decode("utf-8", "replace").strip().lstrip("\ufeff")
+    header = _check_text(path, kind)
     if not header:
         raise UserError(f"{path}: empty file (expected a {kind} header: "
                         f"{','.join(columns[:3])},...)")
-    _check_header(path, header.split(","), columns, kind)
+    names = [c.strip().strip('"').strip("'") for c in header.split(",")]  # R quotes them
+    _check_header(path, names, columns, kind)
     try:
         # float64 so a missing value is NaN, found below with its line, instead of an error here
         table = pd.read_csv(path, dtype=np.float64, engine="c").to_numpy()
     except pd.errors.ParserError as e:
-        raise UserError(f"{path}: {_pandas_detail(e)} (each row needs {len(columns)} values)") \
-            from None
+        raise UserError(f"{path}: {_pandas_detail(e)[:200]} (each row needs {len(columns)} "
+                        "values)") from None
     except ValueError:  # a value that is not a number
         raise UserError(_first_non_number(path, len(columns))) from None
     if table.shape[0] == 0:
@@ -68,6 +70,30 @@ def _read(path: Path, columns: list[str], kind: str) -> np.ndarray:
         raise UserError(f"{path}: line {row + 2}, column {columns[col]}: {table[row, col]:g} is "
                         "outside 0-255")
     return table.astype(np.int64)
+
+
+def _check_text(path: Path, kind: str) -> str:
+    """The header line, after checking that the file is comma-separated UTF-8 text: binary
+    data, UTF-16 and other separators get their own message, read in bounded chunks (a file of
+    NUL bytes is never held in memory)."""
+    with path.open("rb") as f:
+        first = f.readline(1 << 16).rstrip(b"\r\n")  # Kaggle's header is ~7 kB
+        if first.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise UserError(f"{path}: UTF-16 text; save it as UTF-8 (plain CSV)")
+        f.seek(0)
+        offset = 0
+        while chunk := f.read(1 << 20):
+            if (at := chunk.find(b"\x00")) >= 0:
+                raise UserError(f"{path}: binary data (NUL bytes) at byte {offset + at:,}: not a "
+                                f"CSV text file (damaged or truncated?)")
+            offset += len(chunk)
+    header = first.decode("utf-8", "replace").strip().lstrip("\ufeff")
+    if header and "," not in header:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs"), (" ", "spaces")):
+            if sep in header:
+                raise UserError(f"{path}: the header is separated by {name}, not commas; save "
+                                f"it as comma-separated {kind}")
+    return header
 
 
 def _check_header(path: Path, got: list[str], want: list[str], kind: str) -> None:
@@ -118,6 +144,6 @@ def _first_non_number(path: Path, width: int) -> str:
                     float(value)
                 except ValueError:
                     name = header[col] if col < len(header) else f"#{col + 1}"
-                    return (f"{path}: line {line_no}, column {name}: {value!r} is not an "
-                            "integer")
+                    shown = repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
+                    return f"{path}: line {line_no}, column {name[:40]}: {shown} is not an integer"
     return f"{path}: a value is not a number"

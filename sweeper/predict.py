@@ -9,33 +9,47 @@ border and made white-on-black; cropped to the ink's bounding box; the longest s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from sweeper.errors import UserError
+from sweeper.errors import UserError, one_line
 
 LAST_EXPORT = Path("mlruns/last_export")  # written by sweeper.export: the default model
 INK = 0.2  # fraction of the ink/background contrast above which a pixel counts as ink
+BLANK = 0.03  # below this contrast (of the full scale) an image holds no ink
 
 
 def load_image(path: Path) -> np.ndarray:
-    """Greyscale float [H, W] in [0, 1]; transparent areas become white paper."""
+    """Greyscale float [H, W] in [0, 1], at the image's own bit depth. A drawing on a
+    transparent background (what drawing apps export) is read from its opacity: the strokes
+    are what is opaque, whatever their colour."""
     from PIL import Image, UnidentifiedImageError
 
+    if path.is_dir():
+        raise UserError("is a folder, not an image")
     try:
         with Image.open(path) as im:
             im.seek(0)  # first frame of a GIF
-            rgba = im.convert("RGBA")
-            paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            grey = Image.alpha_composite(paper, rgba).convert("L")
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale
+                grey = np.asarray(im, dtype=np.float64)
+                return (grey / (65535.0 if im.mode.startswith("I;16") or grey.max() <= 65535
+                                else grey.max())).clip(0, 1).astype(np.float32)
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255
     except FileNotFoundError:
         raise UserError("file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"not a readable image ({' '.join(str(e).split())[:120]})") from None
-    return np.asarray(grey, dtype=np.float32) / 255
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image too large to read safely ({one_line(e, 120)})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"not a readable image ({one_line(e, 120)})") from None
+    alpha = rgba[..., 3]
+    if alpha.min() < 0.5 * alpha.max():  # transparent background: ink = opacity
+        return 1.0 - alpha  # dark strokes on white paper, as if drawn in black
+    grey = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)  # as PIL's "L"
+    return grey * alpha + (1.0 - alpha)  # partly transparent pixels over white paper
 
 
 def to_mnist(grey: np.ndarray) -> np.ndarray:
@@ -44,9 +58,12 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
 
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     background = float(np.median(border))
-    ink = (background - grey) if background > 0.5 else (grey - background)
+    # Ink is what differs from the background, in whichever direction the image has room:
+    # by contrast, not by absolute level (a mid-grey digit on a grey page still counts).
+    darker, lighter = background - grey, grey - background
+    ink = darker if darker.max() > lighter.max() else lighter
     contrast = float(ink.max())
-    if contrast < 0.1:
+    if contrast < BLANK:
         raise UserError("blank image: no ink found (nothing differs from the background)")
     ink = np.clip(ink / contrast, 0, 1)
     rows, cols = np.nonzero(ink > INK)
@@ -80,9 +97,30 @@ def load_model(folder: Path | None):
     path = folder / "model.pt"
     if not path.is_file():
         raise UserError(f"{path}: no exported model there (python -m sweeper.export writes it)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
-        return torch.jit.load(str(path)).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+            return torch.jit.load(str(path)).eval()
+    except Exception as e:  # truncated, damaged or not a TorchScript file
+        raise UserError(f"{path}: not a loadable exported model ({one_line(e, 120)}); export "
+                        "it again") from None
+
+
+def check_sheet(path: Path) -> None:
+    """Before any image is read: a format matplotlib writes, in a folder that can be written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    formats = plt.gcf().canvas.get_supported_filetypes()
+    plt.close()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise UserError(f"--sheet {path}: unknown picture format {path.suffix or '(none)'!r}; "
+                        f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--sheet {path}: cannot write there")
 
 
 def contact_sheet(path: Path, items: list[tuple[str, np.ndarray, int, float]]) -> None:
@@ -113,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     try:
+        if args.sheet is not None:
+            check_sheet(args.sheet)
         model = load_model(args.model)
     except UserError as e:
         print(f"sweeper.predict: error: {e}", file=sys.stderr)
@@ -121,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.images:
         try:
             image = to_mnist(load_image(path))
-        except UserError as e:
-            print(f"{path}: error: {e}", file=sys.stderr)
+        except Exception as e:  # one bad file never stops the rest
+            print(f"{path}: error: {e if isinstance(e, UserError) else one_line(e, 160)}",
+                  file=sys.stderr)
             failed += 1
             continue
         with torch.no_grad():

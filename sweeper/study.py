@@ -23,8 +23,10 @@ from optuna.trial import TrialState
 
 from lightning_modules.metrics import VAL_ACC
 from sweeper import (
+    checkpoints,
     console,
     data,
+    faultpoints,
     keys,
     liveness,
     outcome,
@@ -33,12 +35,13 @@ from sweeper import (
     repeats,
     samplers,
     search_space,
+    stores,
     training,
 )
 from sweeper.config import Config
-from sweeper.errors import UserError, one_line
+from sweeper.errors import Refused, UserError, one_line
 from sweeper.study_lock import StudyLock
-from sweeper.tracking import Tracker, prepare_sqlite
+from sweeper.tracking import Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT_POLL_S = 2.0  # a worker with nothing to ask (the rest is running elsewhere) checks this often
@@ -51,19 +54,57 @@ def storage_error(url: str, e: Exception) -> UserError:
     return UserError(f"search.storage={url}: cannot open the Optuna storage ({one_line(e, 220)})")
 
 
-def open_study(cfg: Config, splits: data.Splits) -> optuna.Study:
+def open_storage(cfg: Config) -> optuna.storages.RDBStorage:
     s = cfg.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        db = stores.sqlite_path(s.storage)
+        if db is not None:  # made whole or not at all
+            stores.create_sqlite_whole(db, optuna.storages.RDBStorage)
         # Wait for a busy SQLite file instead of failing at once.
         engine = {"connect_args": {"timeout": 60}} if s.storage.startswith("sqlite") else None
-        storage = optuna.storages.RDBStorage(s.storage, engine_kwargs=engine,
-                                             heartbeat_interval=s.heartbeat_interval_s,
-                                             grace_period=s.heartbeat_grace_s,
-                                             heartbeat_stale_trial_callback=outcome.DeadTrials())
+        return optuna.storages.RDBStorage(s.storage, engine_kwargs=engine,
+                                          heartbeat_interval=s.heartbeat_interval_s,
+                                          grace_period=s.heartbeat_grace_s,
+                                          heartbeat_stale_trial_callback=outcome.DeadTrials())
+    except Exception as e:  # bad URL, missing driver, unreachable server, foreign database
+        raise storage_error(s.storage, e) from None
+
+
+def check_stores_agree(cfg: Config, storage: optuna.storages.RDBStorage,
+                       tracker: Tracker) -> None:
+    """Both stores (and the checkpoint folder) hold this study, or none does: one of them
+    replaced, emptied or pointed elsewhere would otherwise start a second study inside the
+    first one's record."""
+    s = cfg.search
+    try:
+        trials = storage.get_all_trials(storage.get_study_id_from_name(s.study_name),
+                                        deepcopy=False)
+    except KeyError:
+        trials = []
+    fix = ("point search.storage and tracking.uri at the study's own stores, or start a new "
+           "study with search.study_name=NEW_NAME")
+    if not trials and tracker.has_runs("trial"):
+        raise UserError(f"study {s.study_name!r} has no trials in {s.storage}, but MLflow "
+                        f"({cfg.tracking.uri}) holds trial runs of it: the stores disagree (was "
+                        f"the Optuna store replaced or emptied?); {fix}")
+    if any(keys.MLFLOW_RUN_ID in t.user_attrs for t in trials) and not tracker.has_runs("parent"):
+        raise UserError(f"study {s.study_name!r} has {len(trials)} trials in {s.storage}, but "
+                        f"MLflow ({cfg.tracking.uri}) has no record of it: the stores disagree "
+                        f"(was the MLflow store replaced or emptied?); {fix}")
+    folder = checkpoints.folder(cfg)
+    if not trials and any(folder.glob("trial-*.pt")):
+        raise UserError(f"study {s.study_name!r} is new, but {folder} holds checkpoints of an "
+                        f"earlier study of that name; move them away or {fix}")
+
+
+def open_study(cfg: Config, splits: data.Splits,
+               storage: optuna.storages.RDBStorage) -> optuna.Study:
+    s = cfg.search
+    try:
         study = optuna.create_study(study_name=s.study_name, storage=storage,
                                     direction="maximize", load_if_exists=True)
-    except Exception as e:  # bad URL, missing driver, unreachable server, foreign database
+    except Exception as e:  # a foreign database
         raise storage_error(s.storage, e) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise UserError(f"study {s.study_name!r} in {s.storage} minimizes its objective; sweeper "
@@ -122,6 +163,7 @@ def ask(study: optuna.Study, cfg: Config, room: int) -> list[tuple[optuna.Trial,
     else:
         trial = study.ask()
         asked = [(trial, search_space.suggest(trial, cfg.search.space, cfg.model.depth))]
+    faultpoints.reached("asked")
     trial_recipe = recipe.of_config(cfg)
     for trial, _ in asked:
         liveness.beat(study, trial)
@@ -140,13 +182,20 @@ def release_held(study: optuna.Study, tracker: Tracker, why: str, interrupted: b
 
 def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     t0 = time.perf_counter()
-    # Both stores must be writable before anything is loaded or written.
-    prepare_sqlite(cfg.search.storage, "search.storage")
-    prepare_sqlite(cfg.tracking.uri, "tracking.uri")
+    # The data must be sound and every store reachable and writable before anything is
+    # written: a refused run leaves nothing behind.
+    try:
+        device = training.accelerator(cfg.trainer.accelerator)
+        if splits is None:
+            splits = data.load_splits(cfg.data, cfg.seed, device)
+        stores.check_reachable(cfg.tracking.uri, "tracking.uri")
+        for uri, what in ((cfg.search.storage, "search.storage"),
+                          (cfg.tracking.uri, "tracking.uri")):
+            stores.prepare_sqlite(uri, what)
+        stores.prepare_folder(checkpoints.folder(cfg), "search.checkpoint_dir")
+    except UserError as e:
+        raise Refused(str(e)) from None
     lock = open_lock(cfg)
-    device = training.accelerator(cfg.trainer.accelerator)
-    if splits is None:
-        splits = data.load_splits(cfg.data, cfg.seed, device)
     s = cfg.search
     target = s.n_trials
     if s.sampler == "grid":
@@ -155,8 +204,10 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             print(f"note: the grid has {size} points; running {size} trials, not {target}")
             target = size
     with lock():  # workers starting together: one creates the stores and the parent run
-        study = open_study(cfg, splits)
+        storage = open_storage(cfg)
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_location, s.study_name)
+        check_stores_agree(cfg, storage, tracker)
+        study = open_study(cfg, splits, storage)
         parent = tracker.open_parent(
             params={"sampler": s.sampler, "pruner": s.pruner, "objective": s.objective,
                     "seed": cfg.seed, "train_size": len(splits.y_train),

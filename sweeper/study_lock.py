@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from sweeper.tracking import sqlite_path
+from sweeper.stores import sqlite_path
 
 
 class StudyLock:

@@ -7,33 +7,13 @@ stopped on purpose, which is not a failure. Failed trials end FAILED, interrupte
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import time
-from pathlib import Path
 from typing import Any
 
-from sweeper import keys
-from sweeper.errors import UserError
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-def prepare_sqlite(uri: str, what: str) -> None:
-    """SQLite wants its folder to exist; say clearly when it cannot be made or written."""
-    path = sqlite_path(uri)
-    if path is None or str(path) == ":memory:":
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".write-test-{time.time_ns()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{what}={uri}: cannot write to {path.parent} ({e.strerror}); "
-                        f"choose a writable place with {what}=sqlite:///PATH/file.db") from None
+from sweeper import keys, stores
+from sweeper.errors import UserError, one_line
 
 
 def find_parent(client: Any, experiment_id: str) -> Any:
@@ -43,41 +23,81 @@ def find_parent(client: Any, experiment_id: str) -> Any:
     return runs[0] if runs else None
 
 
+def forget_engine(uri: str) -> None:
+    """MLflow keeps one SQLAlchemy engine per store URI for the life of the process; after the
+    file behind a URI was replaced, that engine still holds the old file open."""
+    with contextlib.suppress(Exception):  # a private cache: best effort across MLflow versions
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+
+
 class Tracker:
-    """MLflow client for one study. The caller checks the store first (prepare_sqlite)."""
+    """MLflow client for one study. The caller checks the store first (stores.prepare_sqlite)."""
 
     def __init__(self, uri: str, artifact_location: str | None, experiment: str):
         from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
 
         # With a tracking server, MLflow prints two URL lines whenever a run ends.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        # After the import: mlflow configures its own logger when imported.
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        stores.quiet_mlflow()  # after the import: mlflow configures its logger when imported
+        def make_store(side: str) -> None:  # MLflow makes its schema on first use
+            MlflowClient(side).search_experiments()
 
-        self.client = MlflowClient(tracking_uri=uri)
-        if artifact_location is None and (db := sqlite_path(uri)) is not None:
-            artifact_location = (db.parent / "artifacts").resolve().as_uri()
+        db = stores.sqlite_path(uri)
+        if db is not None:
+            stores.create_sqlite_whole(db, make_store)
+            if artifact_location is None:
+                artifact_location = (db.parent / "artifacts").resolve().as_uri()
+        self.uri, self.experiment = uri, experiment
+        for attempt in (1, 2):
+            try:
+                self.client = MlflowClient(tracking_uri=uri)  # may open the store at once
+                self.experiment_id = self._experiment(artifact_location)
+                return
+            except UserError:
+                raise
+            except Exception as e:  # a store MLflow cannot open (half-made schema, ...)
+                aside = (stores.set_aside_if_empty(db)
+                         if attempt == 1 and db is not None and db.exists() else None)
+                if aside is None:
+                    raise UserError(f"tracking.uri={uri}: cannot open the MLflow store "
+                                    f"({one_line(e, 200)})") from None
+                assert db is not None
+                forget_engine(uri)
+                print(f"note: {db} held no runs and could not be opened (an interrupted first "
+                      f"start?); moved it to {aside.name} and made a new one", flush=True)
+                stores.create_sqlite_whole(db, make_store)
+
+    def _experiment(self, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        name = self.experiment
         try:
-            exp = self.client.get_experiment_by_name(experiment)
+            exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 try:
-                    self.experiment_id = self.client.create_experiment(
-                        experiment, artifact_location=artifact_location)
+                    return str(self.client.create_experiment(
+                        name, artifact_location=artifact_location))
                 except MlflowException:  # another worker created it a moment ago
-                    exp = self.client.get_experiment_by_name(experiment)
+                    exp = self.client.get_experiment_by_name(name)
                     if exp is None:
                         raise
-            if exp is not None:
-                if exp.lifecycle_stage == "deleted":
-                    raise UserError(f"MLflow experiment {experiment!r} is deleted in {uri}; "
-                                    "restore it (mlflow experiments restore) or choose "
-                                    "another search.study_name")
-                self.experiment_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                raise UserError(f"MLflow experiment {name!r} is deleted in {self.uri}; "
+                                "restore it (mlflow experiments restore) or choose "
+                                "another search.study_name")
+            return str(exp.experiment_id)
         except MlflowException as e:
-            raise UserError(f"tracking.uri={uri}: {str(e).splitlines()[0]}") from None
-        self.uri, self.experiment = uri, experiment
+            raise UserError(f"tracking.uri={self.uri}: {str(e).splitlines()[0][:300]}") from None
+
+    def has_runs(self, role: str) -> bool:
+        runs = self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.`{keys.ROLE_TAG}` = '{role}'",
+                                       max_results=1)
+        return bool(runs)
 
     def open_parent(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """The study's parent run: reused when it exists (resume), created otherwise."""

@@ -30,7 +30,7 @@ from sweeper import (
 )
 from sweeper.config import ParamSpec
 from sweeper.errors import UserError
-from sweeper.study import open_study, run_study
+from sweeper.study import open_storage, open_study, run_study
 from sweeper.tracking import Tracker
 from tests.test_faults import _poison_after
 from tests.test_study import REPO, runs, sweep
@@ -223,7 +223,7 @@ def test_grid_retries_a_failed_point_first_and_never_repeats_a_finished_one(tiny
 
 def test_recovery_never_relabels_a_trial_that_ended_normally(tiny_cfg, monkeypatch):
     splits = data.load_splits(tiny_cfg.data, tiny_cfg.seed, torch.device("cpu"))
-    study = open_study(tiny_cfg, splits)
+    study = open_study(tiny_cfg, splits, open_storage(tiny_cfg))
     tracker = Tracker(tiny_cfg.tracking.uri, None, "tiny")
     trial = study.ask({"width": optuna.distributions.IntDistribution(16, 64)})
     trial.suggest_int("width", 16, 64)
@@ -239,7 +239,7 @@ def test_recovery_never_relabels_a_trial_that_ended_normally(tiny_cfg, monkeypat
 
 def test_a_trial_never_stamped_by_its_asker_is_recovered_at_once(tiny_cfg):
     splits = data.load_splits(tiny_cfg.data, tiny_cfg.seed, torch.device("cpu"))
-    study = open_study(tiny_cfg, splits)
+    study = open_study(tiny_cfg, splits, open_storage(tiny_cfg))
     trial = study.ask()  # its worker died before it could stamp it (under the study lock)
     trial.suggest_int("width", 16, 64)
     tracker = Tracker(tiny_cfg.tracking.uri, None, "tiny")
