@@ -219,6 +219,7 @@ def test_same_config_and_seed_give_the_same_curves(tiny_cfg, tmp_path):
     for i in range(2):
         tiny_cfg.search.storage = f"sqlite:///{tmp_path}/o{i}.db"
         tiny_cfg.tracking.uri = f"sqlite:///{tmp_path}/m{i}.db"
+        tiny_cfg.search.checkpoint_dir = str(tmp_path / f"ck{i}")
         run_study(tiny_cfg)
         client, _, children = runs(tiny_cfg.tracking.uri, "tiny")
         curves.append({(c.data.tags[TRIAL_TAG], name): [m.value for m in sorted(
