@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from sweeper import sweep_grammar
 from sweeper.config import check_composes, check_overrides, to_config, validate
 from sweeper.errors import Refused, UserError, one_line
 
@@ -20,10 +21,12 @@ def check_output_folder() -> None:
                         "must be a folder; move the file away")
 
 
-def remove_run_folder(folder: Path) -> None:
-    """Hydra's run folder and the parents it made, up to the first that holds anything else."""
-    shutil.rmtree(folder, ignore_errors=True)
-    for parent in folder.resolve().parents:
+def remove_run_folder(folder: Path, job: str) -> None:
+    """What Hydra wrote for this run (.hydra/ and the job's log), then the folder and its
+    parents while they are empty: never anything else (hydra.run.dir may be `.`)."""
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    (folder / f"{job}.log").unlink(missing_ok=True)
+    for parent in [folder.resolve(), *folder.resolve().parents]:
         if parent == Path.cwd().resolve():
             break
         try:
@@ -46,7 +49,8 @@ def main(raw: DictConfig) -> None:
         run_study(cfg)
     except UserError as e:
         if isinstance(e, Refused):  # nothing was written: the run leaves no folder behind
-            remove_run_folder(Path(HydraConfig.get().runtime.output_dir))
+            hc = HydraConfig.get()
+            remove_run_folder(Path(hc.runtime.output_dir), hc.job.name)
         if debug:
             raise
         print(f"sweeper: error: {e}", file=sys.stderr)
@@ -63,8 +67,12 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_overrides(sys.argv[1:])
-        check_composes(sys.argv[1:])
+        sys.argv[1:] = sweep_grammar.rewrite(sys.argv[1:])  # Hydra then reads the dict form
+        # With Hydra's own flags (--cfg job, --info, -cn NAME, --multirun, ...) Hydra reads the
+        # command line itself; our one-line checks are for a plain run.
+        if not any(a.startswith("-") for a in sys.argv[1:]):
+            check_overrides(sys.argv[1:])
+            check_composes(sys.argv[1:])
         check_output_folder()
     except UserError as e:
         print(f"sweeper: error: {e}", file=sys.stderr)

@@ -10,10 +10,10 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from lightning_modules.models import Architecture, build_model
-from sweeper import keys
+from sweeper import keys, objectives
 from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.errors import UserError
@@ -42,11 +42,15 @@ def save(cfg: Config, number: int, net: torch.nn.Module, arch: Architecture, spl
 
 
 def keep_top_k(study: optuna.Study, k: int) -> None:
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if keys.CHECKPOINT in t.user_attrs and t.value is not None]
-    complete.sort(key=lambda t: t.value or 0.0, reverse=True)
-    for t in complete[k:]:
-        Path(t.user_attrs[keys.CHECKPOINT]).unlink(missing_ok=True)
+    """Weights of the best k complete trials stay; a multi-objective study keeps its whole
+    Pareto front as well (export picks a point of it)."""
+    ranked = [t for t in objectives.ranked(study) if keys.CHECKPOINT in t.user_attrs]
+    keep = {t.number for t in ranked[:k]}
+    if objectives.is_multi(study):
+        keep |= {t.number for t in objectives.front(study)}
+    for t in ranked:
+        if t.number not in keep:
+            Path(t.user_attrs[keys.CHECKPOINT]).unlink(missing_ok=True)
 
 
 def load_trial(study: optuna.Study, trial: FrozenTrial, storage: str
@@ -62,8 +66,7 @@ def load_trial(study: optuna.Study, trial: FrozenTrial, storage: str
     if not path.is_absolute() and not path.is_file() and db is not None:
         path = db.resolve().parent.parent / path
     if not path.is_file():
-        complete = sorted((t for t in study.get_trials(deepcopy=False, states=(
-            TrialState.COMPLETE,)) if t.value is not None), key=lambda t: -(t.value or 0))
+        complete = objectives.ranked(study)
         rank = [t.number for t in complete].index(trial.number) + 1
         raise UserError(f"{path}: checkpoint not found (the trial ranks {rank} of "
                         f"{len(complete)}: only the best search.keep_top_k keep their weights, "

@@ -13,12 +13,15 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
 from sweeper.errors import UserError
+from sweeper.keys import N_PARAMS
 
 DATASETS = ("mnist", "mnist_sample", "fashion_mnist", "kaggle")
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("final", "best")
+OBJECTIVE_METRICS = (VAL_ACC, TRAIN_ACC, GAP, N_PARAMS)  # what search.objectives may name
 PARAM_TYPES = ("int", "float", "categorical")
 MODEL_FAMILIES = ("mlp", "cnn", "resnet")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -35,6 +38,7 @@ MODEL_PARAMS = ("family", "size", "depth", "width", "dropout", "kernel", "channe
                 "batch_norm")
 TRAINER_PARAMS = ("lr", "batch_size", "weight_decay", "label_smoothing")
 SEARCHABLE = MODEL_PARAMS + TRAINER_PARAMS
+INTEGER_PARAMS = ("size", "depth", "width", "kernel", "batch_size")
 
 
 @dataclass
@@ -124,6 +128,9 @@ class SearchConfig:
     pruner_warmup_epochs: int = 3
     # final: val_acc at the last epoch; best: best val_acc over epochs.
     objective: str = "final"
+    # Two or more: a multi-objective study, e.g. {val_acc: maximize, n_params: minimize}
+    # (metric -> direction, in order; val_acc follows `objective`). Empty: maximize val_acc.
+    objectives: Dict[str, str] = field(default_factory=dict)
     max_consecutive_failures: int = 3
     # Weights of the best k complete trials are kept (for export); null dir: beside the storage.
     keep_top_k: int = 3
@@ -181,11 +188,14 @@ def check_overrides(overrides: list[str]) -> None:
     message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(
-            [o for o in overrides if "=" in o and not o.startswith("-")])
-    except Exception:
-        return
+    parser = OverridesParser.create()
+    parsed = []
+    for line in [o for o in overrides if not o.startswith("-")]:
+        try:
+            parsed += parser.parse_overrides([line])
+        except Exception as e:
+            raise UserError(f"{line}: {_one_line(e)} (the override syntax: "
+                            "https://hydra.cc/docs/advanced/override_grammar/basic/)") from None
     for o in parsed:
         if o.key_or_group not in CONFIG_GROUPS or o.is_delete():
             continue
@@ -203,8 +213,10 @@ def check_composes(overrides: list[str]) -> None:
     """Compose the config as Hydra will, and turn Hydra's multi-line errors (unknown key,
     missing experiment or group choice) into one line with the closest valid name."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 
+    if {"-m", "--multirun"} & set(overrides):  # sweep values: Hydra's sweeper expands them
+        return
     plain = [o for o in overrides if not o.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -221,13 +233,23 @@ def check_composes(overrides: list[str]) -> None:
     except ConfigCompositionException as e:
         bad = re.search(r"Could not override '([^']+)'", str(e))
         if bad is None:
-            raise UserError(" ".join(str(e).split())[:300]) from None
+            raise UserError(_one_line(e)) from None
         key = bad.group(1)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             known = _keys(compose("config", overrides=[o for o in plain if "experiment=" in o]))
+        if key in known:  # the key exists: the value is what Hydra refused
+            raise UserError(_one_line(e)) from None
         raise UserError(f"{key}: no such setting" + (_closest(key, known) or
                                                       f" (to add a new key, write +{key}=...)")
                         ) from None
+    except HydraException as e:  # a malformed override (`trainer.lr=[`), ...
+        raise UserError(_one_line(e)) from None
+
+
+def _one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines()
+             if ln.strip() and "hydra.cc/docs" not in ln and not ln.startswith("Key ")]
+    return " ".join(lines)[:300] or type(e).__name__
 
 
 def _keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -246,11 +268,15 @@ def _closest(name: str, options: list[str]) -> str:
 
 def to_config(cfg: DictConfig) -> Config:
     """Merge the composed YAML into the schema: type errors and unknown keys surface here."""
+    from sweeper.sweep_grammar import spec_of
+
     space = OmegaConf.select(cfg, "search.space")
     if isinstance(space, DictConfig):
         with open_dict(space):
             for name in [k for k, v in space.items() if v is None]:
                 del space[name]
+            for name in [k for k, v in space.items() if isinstance(v, str)]:
+                space[name] = spec_of(str(name), space[name])  # `depth: choice(1,2,3)` in YAML
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
         obj = OmegaConf.to_object(merged)
@@ -320,6 +346,13 @@ def validate(cfg: Config) -> None:
     _one_of("search.pruner", s.pruner, PRUNERS)
     _one_of("search.objective", s.objective, OBJECTIVES)
     _check(s.population >= 1, f"search.population={s.population} must be >= 1")
+    _check(len(s.objectives) != 1, "search.objectives: list two or more (one objective is "
+           "search.objective: validation accuracy, maximized)")
+    for metric, direction in s.objectives.items():
+        _one_of("search.objectives", metric, OBJECTIVE_METRICS)
+        _one_of(f"search.objectives.{metric}", direction, ("maximize", "minimize"))
+    _check(not (s.objectives and s.sampler == "cmaes"), "search.sampler=cmaes cannot optimize "
+           "several objectives; use tpe, nsga2, random, qmc or grid")
     _check(not ("size" in s.space and "width" in s.space),
            "search.space: size and width both set the width; search one of them (width: null)")
     for fam, d in cfg.model.depth_by_family.items():
@@ -337,7 +370,7 @@ def validate(cfg: Config) -> None:
     _check(s.heartbeat_grace_s > s.heartbeat_interval_s,
            "search.heartbeat_grace_s must be longer than search.heartbeat_interval_s")
     _check(bool(s.space), "search.space is empty: pick an experiment (+experiment=depth_vs_width) "
-           "or define search.space in YAML (see README, 'Writing a search space')")
+           "or define search.space in YAML (see docs/guide.md, 'Writing a search space')")
     for name, spec in s.space.items():
         _validate_param(name, spec, s.sampler)
     c = cfg.confirm
@@ -352,6 +385,8 @@ def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
     key = f"search.space.{name}"
     _check(name in SEARCHABLE, f"{key}: unknown parameter; searchable: {', '.join(SEARCHABLE)}")
     _one_of(f"{key}.type", p.type, PARAM_TYPES)
+    _check(name not in INTEGER_PARAMS or p.type != "float",
+           f"{key}: {name} takes integers; use type: int (or categorical)")
     _check(not p.per_layer or name == "width", f"{key}.per_layer is only supported for width")
     _check(not (p.per_layer and sampler == "grid"),
            f"{key}.per_layer: the grid sampler needs a fixed set of parameters; use one width")

@@ -4,6 +4,7 @@ table of best trials at the end."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Any
 
@@ -11,6 +12,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
+from sweeper import objectives
+from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 
 LIVE = sys.stderr.isatty()
 
@@ -64,24 +67,61 @@ def trial_line(t: FrozenTrial, done: int, target: int) -> None:
 
 
 def best_table(study: optuna.Study, k: int = 5) -> str:
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.value is not None]
-    if not done:
+    """The best k complete trials; a multi-objective study's whole Pareto front (up to 20)."""
+    ranked = objectives.ranked(study)
+    if not ranked:
         return "no completed trials yet"
-    done.sort(key=lambda t: t.value or 0.0, reverse=True)
-    names = sorted({p for t in done for p in t.params}, key=lambda n: (n != "depth", n))
-    head = ["trial", *names, "n_params", "epochs", "train%", "val%", "gap%", "objective%"]
+    multi = objectives.is_multi(study)
+    shown = objectives.front(study)[:20] if multi else ranked[:k]
+    names = sorted({p for t in shown for p in t.params}, key=lambda n: (n != "depth", n))
+    last = [] if multi else ["objective%"]
+    head = ["trial", *names, "n_params", "epochs", "train%", "val%", "gap%", *last]
     rows = [head]
-    for t in done[:k]:
+    for t in shown:
         a = t.user_attrs
         rows.append([str(t.number), *(fmt_value(t.params.get(n, "")) for n in names),
                      f"{a.get('n_params', 0):,}", str(a.get("epochs_run", "")),
                      pct(a.get(TRAIN_ACC)).strip(), pct(a.get(VAL_ACC)).strip(),
-                     f"{100 * a.get(GAP, 0):+.2f}", pct(t.value).strip()])
+                     f"{100 * a.get(GAP, 0):+.2f}", *([pct(t.value).strip()] if not multi
+                                                      else [])])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    best = done[0]
     lines.append("")
+    if multi:
+        wanted = ", ".join(f"{n} ({d.name.lower()})" for n, d in
+                           zip(objectives.names(study), study.directions, strict=False))
+        lines.insert(0, f"Pareto front ({len(objectives.front(study))} trials; {wanted}): no "
+                        "trial beats these on every objective at once")
+        lines.append("each trial above is a best trade-off; export one with --trial N")
+        return "\n".join(lines)
+    best = ranked[0]
     lines.append(f"best trial {best.number}: objective {100 * (best.value or 0):.2f}% with "
                  f"{fmt_params(best.params)}")
     return "\n".join(lines)
+
+
+def next_steps(cfg: Config, study: optuna.Study) -> str:
+    """The commands a user runs next, with this study's name and stores filled in."""
+    name = cfg.search.study_name
+    quoted = shlex.quote(name)
+    stores = ""
+    if cfg.search.storage != DEFAULT_STORAGE:
+        stores += f" --storage {shlex.quote(cfg.search.storage)}"
+    if cfg.tracking.uri != DEFAULT_TRACKING:
+        stores += f" --tracking-uri {shlex.quote(cfg.tracking.uri)}"
+    out = shlex.quote(f"export/{name}")
+    export = f"python -m sweeper.export --study {quoted} --out {out}{stores}"
+    if objectives.is_multi(study):
+        front = objectives.front(study)
+        export += f" --trial {front[0].number if front else 'N'}    # any trial of the front"
+    if cfg.data.name == "kaggle":
+        export += f" --kaggle-test {shlex.quote(cfg.data.test_csv or 'test.csv')}"
+    ui = (f"mlflow ui --backend-store-uri {shlex.quote(cfg.tracking.uri)}    # then "
+          "http://127.0.0.1:5000" if cfg.tracking.uri.startswith(("sqlite", "postgresql",
+                                                                   "mysql", "mssql"))
+          else f"{cfg.tracking.uri}    # the MLflow server's UI")
+    return ("next:\n"
+            f"  python -m sweeper.report --study {quoted}{stores}    # figures and the verdict\n"
+            f"  {export}\n"
+            f"  {ui}")

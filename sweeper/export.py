@@ -35,7 +35,7 @@ from lightning_modules.metrics import (
     TRAIN_LOSS,
     VAL_ACC,
 )
-from sweeper import faultpoints
+from sweeper import faultpoints, objectives
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 from sweeper.errors import UserError, one_line
 
@@ -64,10 +64,15 @@ def choose_trial(study: Any, number: int | None) -> Any:
     from optuna.trial import TrialState
 
     if number is None:
-        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-        if not complete:
+        ranked = objectives.ranked(study)
+        if not ranked:
             raise UserError(f"study {study.study_name!r} has no complete trial to export")
-        return max(complete, key=lambda t: t.value)
+        if objectives.is_multi(study):  # no single best: the user picks a point of the front
+            points = "; ".join(f"trial {t.number}: {objectives.describe(study, t)}"
+                               for t in objectives.front(study)[:12])
+            raise UserError(f"study {study.study_name!r} has several objectives, so no single "
+                            f"best trial: choose one of its Pareto front with --trial N ({points})")
+        return ranked[0]
     if not 0 <= number < len(study.trials):
         raise UserError(f"--trial {number}: study {study.study_name!r} has trials 0.."
                         f"{len(study.trials) - 1}")
@@ -221,6 +226,13 @@ def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
     if db is not None and not db.is_file():
         raise UserError(f"--storage {args.storage}: no such file (run this where the sweep ran, "
                         "or pass --storage sqlite:///PATH/optuna.db)")
+    if args.tracking_uri is None:  # the MLflow store the sweep made beside its Optuna store
+        args.tracking_uri = (f"sqlite:///{db.parent / 'mlflow.db'}" if db is not None
+                             else DEFAULT_TRACKING)
+    tracking_db = stores.sqlite_path(args.tracking_uri)
+    if not args.no_mlflow and tracking_db is not None and not tracking_db.is_file():
+        raise UserError(f"--tracking-uri {args.tracking_uri}: no such file (pass the sweep's "
+                        "tracking.uri, or --no-mlflow to export without logging)")
     if not args.no_mlflow:
         stores.check_reachable(args.tracking_uri, "--tracking-uri")
     return kaggle.read_test(args.kaggle_test) if args.kaggle_test else None
@@ -235,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refit", action="store_true", help="retrain on train + validation first")
     ap.add_argument("--kaggle-test", type=Path, help="Kaggle test.csv: write submission.csv")
     ap.add_argument("--storage", default=DEFAULT_STORAGE)
-    ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING)
+    ap.add_argument("--tracking-uri", help="default: mlflow.db beside the --storage SQLite file")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
     args = ap.parse_args(argv)
     try:
@@ -278,7 +290,9 @@ def run(args: argparse.Namespace) -> None:
     else:
         net, ckpt = checkpoints.load_trial(study, trial, args.storage)
         mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
-        metrics = {"weights": "the trial's own (final epoch)", **trial_metrics}
+        # What the final-epoch weights measured (the best epoch's val_acc is another model).
+        metrics = {"weights": "the trial's own (final epoch)",
+                   **{k: v for k, v in trial_metrics.items() if k != BEST_VAL_ACC}}
     model = Exported(net, mean, std).eval()
     out: Path = args.out
     # Everything is written into a side folder first and moved into --out at the end: an
@@ -291,7 +305,9 @@ def run(args: argparse.Namespace) -> None:
         meta = {
             "study": args.study, "trial": trial.number, "refit": args.refit,
             "params": trial.params, "metrics": metrics, "trial_metrics": trial_metrics,
-            "objective": trial.value, "data_source": source, "config": recipe.of_config(cfg),
+            "objective": trial.values[0] if len(trial.values) == 1 else dict(zip(
+                objectives.names(study), trial.values, strict=False)),
+            "data_source": source, "config": recipe.of_config(cfg),
             "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "scaling": "pixel / 255",
                       "polarity": "white digit on black (MNIST)",
                       "normalization_in_model": True, "mean": mean, "std": std},
@@ -334,8 +350,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"written to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
     if not args.no_mlflow:
-        version = log_to_mlflow(args.tracking_uri, a.get(keys.MLFLOW_RUN_ID), model, out,
-                                args.study)
+        try:
+            version = log_to_mlflow(args.tracking_uri, a.get(keys.MLFLOW_RUN_ID), model, out,
+                                    args.study)
+        except Exception as e:  # the files are good; only the MLflow record is missing
+            raise UserError(f"the model files are written to {out}, but logging them to MLflow "
+                            f"({args.tracking_uri}) failed: {one_line(e, 200)}; re-run with "
+                            "the right --tracking-uri, or --no-mlflow") from None
         print(f"MLflow: logged to the trial's run and registered as {version}")
     from sweeper.predict import LAST_EXPORT  # predict's default model: this export
 

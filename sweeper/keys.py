@@ -6,6 +6,7 @@ IDENTITY = "sweeper.identity"  # what makes the study's trials comparable; a res
 LEGACY_CONFIG = "sweeper.config"  # studies made before RECIPE: the config of their latest run
 STARTS = "sweeper.starts"  # how many times a worker opened the study (seeds its sampler)
 REPEAT = "sweeper.repeat"  # REPEAT.N.K: seed repeat K of trial N (its result, or a claim on it)
+OBJECTIVES = "sweeper.objectives"  # a multi-objective study's objective names, in order
 RECOVERED = "sweeper.recovered"  # RECOVERED.N: trial N was left running by a dead worker
 
 # Optuna trial user attributes.
@@ -32,5 +33,13 @@ STUDY_TAG = "sweeper.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"  # COMPLETE | PRUNED | FAIL
 DATA_TAG = "data.source"
+N_TRIALS_TAG = "search.n_trials"  # parent run: the study's target
+STORAGE_TAG = "optuna.storage"  # parent run: where the Optuna study lives
 ERROR_TAG = "sweeper.error"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+# On the study's parent run: how the study went (metrics trials_complete/_pruned/_fail too).
+BEST_TRIAL_TAG = "best.trial"  # the best trial (multi-objective: the front's best first objective)
+BEST_PARAM_TAG = "best.param"  # best.param.NAME: its parameters
+FRONT_TAG = "pareto_front"  # multi-objective: the front's trial numbers
+BEST_OBJECTIVE = "best_objective"  # metric: the best trial's objective value
+FRONT_SIZE = "pareto_front_size"  # metric: trials on the Pareto front

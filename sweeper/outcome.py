@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import checkpoints, keys, liveness
+from sweeper import checkpoints, keys, liveness, objectives
 from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.tracking import Tracker
@@ -51,12 +51,13 @@ def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Spli
         study.tell(trial, state=TrialState.PRUNED)
         state = "PRUNED"
     else:
-        value = history[-1][VAL_ACC] if cfg.search.objective == "final" else summary[BEST_VAL_ACC]
+        values = objectives.values(cfg, history, summary[BEST_VAL_ACC],
+                                   trial.user_attrs.get(keys.N_PARAMS, 0))
         # Weights first, so a kept trial always has its file; then drop those out of the top k.
         assert net is not None and arch is not None
         path = checkpoints.save(cfg, trial.number, net, arch, splits, history[-1])
         trial.set_user_attr(keys.CHECKPOINT, str(path))
-        study.tell(trial, value)
+        study.tell(trial, values)
         checkpoints.keep_top_k(study, cfg.search.keep_top_k)
         state = "COMPLETE"
     if run_id is not None:

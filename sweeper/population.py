@@ -30,7 +30,7 @@ from lightning_modules.metrics import VAL_ACC
 from lightning_modules.mlp import MLP
 from lightning_modules.models import build_model, count_params
 from lightning_modules.population import PopulationClassifier, PopulationMLP
-from sweeper import console, keys, liveness, search_space, training
+from sweeper import console, keys, liveness, objectives, search_space, training
 from sweeper.batches import PopulationGroups
 from sweeper.config import Config
 from sweeper.data import Splits
@@ -107,6 +107,8 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
             if bad:  # NaN/inf: this member stops, the others go on
                 m.error = f"diverged: {bad[0]}={metrics[bad[0]]} at epoch {epoch}"
                 stop.add(i)
+                continue
+            if objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
                 continue
             m.trial.report(metrics[VAL_ACC], epoch)
             if m.trial.should_prune():

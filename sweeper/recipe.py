@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -29,7 +30,12 @@ FREE = ("data.root", "data.train_csv", "data.test_csv", "data.fallback_to_sample
 
 def of_config(cfg: Config) -> dict[str, Any]:
     full = dataclasses.asdict(cfg)
-    return {k: full[k] for k in SECTIONS}
+    out = {k: full[k] for k in SECTIONS}
+    # Paths as absolute: refit and export may run from another folder than the sweep.
+    for key in ("root", "train_csv", "test_csv"):
+        if out["data"].get(key):
+            out["data"][key] = str(Path(out["data"][key]).expanduser().absolute())
+    return out
 
 
 def to_config(recipe: dict[str, Any]) -> Config:
@@ -60,6 +66,8 @@ def identity(cfg: Config, data_content: str) -> dict[str, Any]:
             out.pop("model.width", None)
     out |= {"search.space": search_space.describe(space), "search.objective":
             cfg.search.objective, "data.content": data_content}
+    if cfg.search.objectives:  # absent from single-objective studies (as before it existed)
+        out["search.objectives"] = [[m, d] for m, d in cfg.search.objectives.items()]  # order
     return json.loads(json.dumps(out))  # as stored: tuples become lists
 
 
@@ -68,6 +76,7 @@ def upgrade(old: dict[str, Any], last_config: dict[str, Any] | None,
     """The identity of a study made before the recipe was part of it: its stored keys, and for
     the rest the config of its latest run (all it kept), else this run's."""
     have = dict(want)
+    have.pop("search.objectives", None)  # studies that old had one objective
     if last_config is not None:
         last = identity(to_config({k: last_config[k] for k in SECTIONS if k in last_config}),
                         want["data.content"])

@@ -23,7 +23,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import checkpoints, data, keys, liveness, recipe, training
+from sweeper import checkpoints, data, keys, liveness, objectives, recipe, training
 from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.errors import one_line
@@ -37,9 +37,8 @@ def repeat_seed(trial_seed: int, k: int) -> int:
 
 def choose(study: optuna.Study, top_k: int, ladder: int) -> list[FrozenTrial]:
     """The best top_k complete trials, then `ladder` more spread evenly over log(n_params)."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and keys.N_PARAMS in t.user_attrs]
-    best = sorted(done, key=lambda t: t.value or 0.0, reverse=True)[:top_k]
+    done = [t for t in objectives.ranked(study) if keys.N_PARAMS in t.user_attrs]
+    best = done[:top_k]  # multi-objective: the Pareto front first
     by_size = sorted(done, key=lambda t: t.user_attrs[keys.N_PARAMS])
     picked = {t.number: t for t in best}
     if ladder > 0 and by_size:
@@ -56,13 +55,19 @@ def results(study: optuna.Study) -> dict[int, list[dict[str, float]]]:
     out: dict[int, list[dict[str, float]]] = {}
     attrs = study.user_attrs
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        # Diverged and unfinished repeats have no metrics (older studies stored NaN instead).
         reps = [attrs[k] for k in sorted(attrs) if k.startswith(f"{keys.REPEAT}.{t.number}.")
-                and VAL_ACC in attrs[k]]  # diverged and unfinished repeats have no metrics
+                and _finite(attrs[k])]
         own_test = attrs.get(f"{keys.REPEAT}.{t.number}.0", {})  # the trial's own test accuracy
         if reps or own_test:
             own = {m: t.user_attrs[m] for m in (TRAIN_ACC, VAL_ACC, GAP)} | {keys.SEED: 0}
             out[t.number] = [own | own_test, *reps]
     return out
+
+
+def _finite(record: dict[str, Any]) -> bool:
+    return all(isinstance(record.get(m), int | float) and math.isfinite(record[m])
+               for m in (TRAIN_ACC, VAL_ACC, GAP))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -73,7 +78,8 @@ def diverged(study: optuna.Study) -> dict[int, int]:
     """trial number -> how many of its seed repeats diverged (NaN/inf)."""
     out: dict[int, int] = {}
     for k, v in study.user_attrs.items():
-        if k.startswith(f"{keys.REPEAT}.") and isinstance(v, dict) and keys.DIVERGED in v:
+        if k.startswith(f"{keys.REPEAT}.") and isinstance(v, dict) and (
+                keys.DIVERGED in v or (VAL_ACC in v and not _finite(v))):
             number = int(k.split(".")[2])
             out[number] = out.get(number, 0) + 1
     return out

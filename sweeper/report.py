@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import keys, repeats, stats
+from sweeper import keys, objectives, repeats, stats
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING
 from sweeper.errors import UserError
 
@@ -275,6 +275,21 @@ def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
     scatter("gap_vs_dropout.png", np.array([r.dropout for r in rows]), gap_pct, "dropout",
             "gap (train - val), %", False, "gap vs dropout", gap_err)
 
+    # Accuracy-vs-size front: no smaller network reaches a higher validation accuracy.
+    order = sorted(rows, key=lambda r: (r.n_params, -r.mean_std(VAL_ACC)[0]))
+    front_rows: list[Row] = []
+    for r in order:
+        if not front_rows or r.mean_std(VAL_ACC)[0] > front_rows[-1].mean_std(VAL_ACC)[0]:
+            front_rows.append(r)
+    front_plot(plt, out / "pareto_size.png", list(zip(size, val_pct, strict=True)),
+               [(r.n_params, 100 * r.mean_std(VAL_ACC)[0], r.number) for r in front_rows],
+               "n_params", "validation accuracy, %", f"{rep.study}: accuracy-vs-size front",
+               (True, False))
+    made["pareto_size.png"] = ("accuracy-vs-size Pareto front: the trials no smaller network "
+                               f"beats ({', '.join(str(r.number) for r in front_rows)})")
+    if objectives.is_multi(study):
+        made |= pareto_objectives(study, out, plt)
+
     # depth x width (log2 bins) heatmaps: mean over the trials in each cell.
     def wbin(r: Row) -> int:
         return math.floor(math.log2(max(r.width, 1)))
@@ -350,6 +365,51 @@ def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
         plt.close(fig)
         made[name] = f"Optuna parameter importances for {target} (complete trials)"
     return made
+
+
+def front_plot(plt: Any, path: Path, points: list[tuple[float, float]],
+               front: list[tuple[float, float, int]], xlabel: str, ylabel: str, title: str,
+               log: tuple[bool, bool]) -> None:
+    """All trials in grey, the front as a red line labelled with trial numbers."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="0.75", edgecolors="k",
+               linewidths=0.3, label="trials")
+    ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="C3", mec="k", mew=0.3,
+            label="Pareto front")
+    for x, y, n in front:
+        ax.annotate(str(n), (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    if log[0]:
+        ax.set_xscale("log")
+    if log[1]:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto_objectives(study: Any, out: Path, plt: Any) -> dict[str, str]:
+    """A multi-objective study's own front, on its first two objectives."""
+    names = objectives.names(study)
+    done = objectives.ranked(study)
+    front = objectives.front(study)
+
+    def scale(name: str, v: float) -> float:
+        return float(v) if name == keys.N_PARAMS else 100 * float(v)
+
+    pts = sorted((scale(names[0], t.values[0]), scale(names[1], t.values[1]), t.number)
+                 for t in front)
+    unit = {keys.N_PARAMS: ""}
+    front_plot(plt, out / "pareto_front.png",
+               [(scale(names[0], t.values[0]), scale(names[1], t.values[1])) for t in done], pts,
+               f"{names[0]}{unit.get(names[0], ', %')} ({study.directions[0].name.lower()})",
+               f"{names[1]}{unit.get(names[1], ', %')} ({study.directions[1].name.lower()})",
+               f"{study.study_name}: Pareto front",
+               (names[0] == keys.N_PARAMS, names[1] == keys.N_PARAMS))
+    return {"pareto_front.png": f"the study's Pareto front ({names[0]} vs {names[1]}): trials "
+                                f"{', '.join(str(p[2]) for p in pts)}"}
 
 
 def markdown(rep: Report, made: dict[str, str]) -> str:

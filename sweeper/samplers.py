@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import search_space
+from sweeper import objectives, search_space
 from sweeper.config import Config
 
 
@@ -16,10 +16,11 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
     """Optuna's GridSampler counts a FAILED trial's point as visited (so after a crashed or
     diverged trial the failed point never runs and a finished one runs twice), and hands the
     first trials their points by trial number whatever happened to them. Here each asked trial
-    takes, in the (seeded) grid order: a point whose trials all failed, else a point never
-    started; a point with a complete, pruned, running or queued trial is never taken again while
-    another remains. An enqueued trial (a retry) keeps the point its parameters name. It never
-    calls Study.stop(), which only works inside optimize(): our loop stops at the grid size."""
+    takes, in the (seeded) grid order: a point whose one trial failed (its retry), else a point
+    never started, else a point that failed more than once; a point with a complete, pruned,
+    running or queued trial is never taken again while another remains. An enqueued trial (a
+    retry) keeps the point its parameters name. It never calls Study.stop(), which only works
+    inside optimize(): our loop stops at the grid size."""
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         storage = study._storage
@@ -28,14 +29,21 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
             grid_id = self._point_of(fixed)
         else:
             taken: set[int] = set()
-            failed: set[int] = set()
+            failures: dict[int, int] = {}
             for t in storage.get_all_trials(study._study_id, deepcopy=False):
                 point = self._point(t)
-                if point is not None and t.number != trial.number:
-                    (failed if t.state == TrialState.FAIL else taken).add(point)
-            order = range(len(self._all_grids))
-            grid_id = next((i for i in order if i in failed and i not in taken),
-                           next((i for i in order if i not in taken and i not in failed), None))
+                if point is None or t.number == trial.number:
+                    continue
+                if t.state == TrialState.FAIL:
+                    failures[point] = failures.get(point, 0) + 1
+                else:
+                    taken.add(point)
+            # A failed point is retried once, first; one that keeps failing waits until every
+            # unvisited point has run, so that it cannot block the rest of the grid.
+            free = [i for i in range(len(self._all_grids)) if i not in taken]
+            ordered = sorted(free, key=lambda i: (failures.get(i) != 1, i in failures,
+                                                  failures.get(i, 0)))
+            grid_id = ordered[0] if ordered else None
         if grid_id is None:  # every point is done or being done; Optuna would stop here
             grid_id = int(self._rng.rng.choice(len(self._all_grids)))
         storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
@@ -69,11 +77,15 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
         return AskTellGridSampler(search_space.grid(s.space), seed=cfg.seed)
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     s = cfg.search
+    if objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
+        return optuna.pruners.NopPruner()
     if s.pruner == "median":
         # Steps are epochs from 1; n_warmup_steps=w+1 leaves epochs 1..w unpruned.
         return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,

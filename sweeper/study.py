@@ -8,6 +8,7 @@ makes trials comparable is recipe.py; populations are population.py; samplers ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -29,6 +30,7 @@ from sweeper import (
     faultpoints,
     keys,
     liveness,
+    objectives,
     outcome,
     population,
     recipe,
@@ -84,31 +86,46 @@ def check_stores_agree(cfg: Config, storage: optuna.storages.RDBStorage,
         trials = []
     fix = ("point search.storage and tracking.uri at the study's own stores, or start a new "
            "study with search.study_name=NEW_NAME")
-    if not trials and tracker.has_runs("trial"):
-        raise UserError(f"study {s.study_name!r} has no trials in {s.storage}, but MLflow "
-                        f"({cfg.tracking.uri}) holds trial runs of it: the stores disagree (was "
-                        f"the Optuna store replaced or emptied?); {fix}")
+    # Trial numbers only grow, and a trial exists in Optuna before its run and its weights:
+    # a number Optuna has not reached means its store was emptied or replaced by an older copy.
+    unknown = sorted(n for n in tracker.trial_numbers() if n >= len(trials))
+    if unknown:
+        raise UserError(f"study {s.study_name!r} has {len(trials)} trials in {s.storage}, but "
+                        f"MLflow ({cfg.tracking.uri}) holds runs of trial {unknown[0]}"
+                        f"{' and later' if len(unknown) > 1 else ''}: the stores disagree (was "
+                        f"the Optuna store replaced, restored from an older copy or emptied?); "
+                        f"{fix}")
     if any(keys.MLFLOW_RUN_ID in t.user_attrs for t in trials) and not tracker.has_runs("parent"):
         raise UserError(f"study {s.study_name!r} has {len(trials)} trials in {s.storage}, but "
                         f"MLflow ({cfg.tracking.uri}) has no record of it: the stores disagree "
                         f"(was the MLflow store replaced or emptied?); {fix}")
     folder = checkpoints.folder(cfg)
-    if not trials and any(folder.glob("trial-*.pt")):
-        raise UserError(f"study {s.study_name!r} is new, but {folder} holds checkpoints of an "
-                        f"earlier study of that name; move them away or {fix}")
+    ahead = sorted(p.name for p in folder.glob("trial-*.pt")
+                   if p.stem[6:].isdigit() and int(p.stem[6:]) >= len(trials))
+    if ahead:
+        raise UserError(f"study {s.study_name!r} has {len(trials)} trials in {s.storage}, but "
+                        f"{folder} holds {ahead[0]} of a study of that name that went further; "
+                        f"move the checkpoints away or {fix}")
 
 
 def open_study(cfg: Config, splits: data.Splits,
                storage: optuna.storages.RDBStorage) -> optuna.Study:
     s = cfg.search
+    want_directions: list[Any] = objectives.directions(cfg)
     try:
         study = optuna.create_study(study_name=s.study_name, storage=storage,
-                                    direction="maximize", load_if_exists=True)
+                                    directions=want_directions, load_if_exists=True)
     except Exception as e:  # a foreign database
         raise storage_error(s.storage, e) from None
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise UserError(f"study {s.study_name!r} in {s.storage} minimizes its objective; sweeper "
-                        "studies maximize validation accuracy: use another search.study_name")
+    have_directions = [d.name.lower() for d in study.directions]
+    if have_directions != want_directions:
+        if len(have_directions) == 1 and not objectives.multi(cfg):
+            raise UserError(f"study {s.study_name!r} in {s.storage} minimizes its objective; "
+                            "sweeper studies maximize validation accuracy: use another "
+                            "search.study_name")
+        raise UserError(f"study {s.study_name!r} in {s.storage} optimizes "
+                        f"{len(have_directions)} objective(s) ({', '.join(have_directions)}), "
+                        f"not {len(want_directions)}: use another search.study_name")
     # The data by content, not path: workers on other machines may keep it elsewhere.
     want = recipe.identity(cfg, f"{splits.source.split(':')[0]}:{splits.fingerprint()}")
     have = study.user_attrs.get(keys.IDENTITY)
@@ -121,6 +138,8 @@ def open_study(cfg: Config, splits: data.Splits,
     else:
         recipe.refuse(s.study_name, s.storage, have, want)
     study.set_user_attr(keys.IDENTITY, want)
+    if objectives.multi(cfg):
+        study.set_user_attr(keys.OBJECTIVES, list(s.objectives))
     # Workers that open the study at the same moment see the same trials; the start count
     # (read and bumped under the study lock) keeps their samplers' random streams apart.
     starts = int(study.user_attrs.get(keys.STARTS, 0))
@@ -158,17 +177,26 @@ def ask(study: optuna.Study, cfg: Config, room: int) -> list[tuple[optuna.Trial,
     with an owner but no heartbeat could never be found dead from another machine."""
     if room <= 0:
         return []
-    if cfg.search.population > 1:
-        asked = population.ask(study, cfg, room)
-    else:
-        trial = study.ask()
-        asked = [(trial, search_space.suggest(trial, cfg.search.space, cfg.model.depth))]
-    faultpoints.reached("asked")
-    trial_recipe = recipe.of_config(cfg)
-    for trial, _ in asked:
-        liveness.beat(study, trial)
-        trial.set_user_attr(keys.WORKER, liveness.this_worker())
-        trial.set_user_attr(keys.RECIPE, trial_recipe)
+    try:
+        if cfg.search.population > 1:
+            asked = population.ask(study, cfg, room)
+        else:
+            trial = study.ask()
+            asked = [(trial, search_space.suggest(trial, cfg.search.space, cfg.model.depth))]
+        faultpoints.reached("asked")
+        trial_recipe = recipe.of_config(cfg)
+        for trial, _ in asked:
+            liveness.beat(study, trial)
+            trial.set_user_attr(keys.WORKER, liveness.this_worker())
+            trial.set_user_attr(keys.RECIPE, trial_recipe)
+    except BaseException:
+        # Under the lock an unowned RUNNING trial is one this call asked: end it now, or it
+        # would count as running elsewhere until the next run recovers it.
+        with contextlib.suppress(Exception):
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if keys.WORKER not in t.user_attrs and outcome.fail_if_running(study, t):
+                    outcome.requeue(study, t)
+        raise
     return asked
 
 
@@ -209,22 +237,25 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         check_stores_agree(cfg, storage, tracker)
         study = open_study(cfg, splits, storage)
         parent = tracker.open_parent(
-            params={"sampler": s.sampler, "pruner": s.pruner, "objective": s.objective,
+            params={"sampler": s.sampler, "objective": s.objective,
+                    "pruner": "none" if objectives.multi(cfg) else s.pruner,
                     "seed": cfg.seed, "train_size": len(splits.y_train),
                     "val_size": len(splits.y_val), "family": cfg.model.family,
                     "label_noise": splits.label_noise,
                     "search_space": json.dumps(search_space.describe(s.space))},
-            tags={"search.n_trials": str(target), keys.DATA_TAG: splits.source,
-                  "optuna.storage": s.storage})
+            tags={keys.N_TRIALS_TAG: str(target), keys.DATA_TAG: splits.source,
+                  keys.STORAGE_TAG: s.storage})
     done = n_finished(study)
     print(f"study {s.study_name!r}: {done}/{target} finished trials in {s.storage}; "
           f"MLflow {cfg.tracking.uri} (parent run {parent[:8]})\n"
-          f"data {splits.describe()} | sampler {s.sampler}, pruner {s.pruner}, "
-          f"{cfg.trainer.max_epochs} epochs max", flush=True)
+          f"data {splits.describe()} | sampler {s.sampler}, " + (
+              f"objectives {', '.join(f'{m} ({d})' for m, d in s.objectives.items())}, no "
+              "pruning (Optuna cannot prune multi-objective trials)" if objectives.multi(cfg)
+              else f"pruner {s.pruner}") + f", {cfg.trainer.max_epochs} epochs max", flush=True)
     if done >= target:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")
-    status, failures, waiting = "FINISHED", 0, False
+    status, failures, waiting, failing = "FINISHED", 0, False, False
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # signal handlers can only be set from the main thread
         previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -265,9 +296,12 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         # Only Ctrl-C and SIGTERM (which Lightning may re-raise as SystemExit) are interrupts;
         # anything else fails the run with its own message.
         interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
-        status = "KILLED" if interrupted else "FAILED"
-        held = release_held(study, tracker, "interrupted" if interrupted else one_line(e),
-                            interrupted)
+        status, failing = ("KILLED" if interrupted else "FAILED"), True
+        held = 0
+        # The store that failed may fail again here: the first error is the one to report.
+        with contextlib.suppress(Exception):
+            held = release_held(study, tracker, "interrupted" if interrupted else one_line(e),
+                                interrupted)
         console.clear_live()
         if interrupted:
             running = (f"{held} running trial(s) marked failed, to run again first; " if held
@@ -280,14 +314,34 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        table = console.best_table(study)
-        # With other workers still training, the last one to stop closes the parent run.
-        others = n_running(study)
-        tracker.close_parent(parent, None if others else status,
-                             f"# {s.study_name}\n\n```\n{table}\n```\n")
+        with contextlib.suppress(Exception) if failing else contextlib.nullcontext():
+            table = console.best_table(study)
+            # With other workers still training, the last one to stop closes the parent run.
+            others = n_running(study)
+            tracker.close_parent(parent, None if others else status,
+                                 f"# {s.study_name}\n\n```\n{table}\n```\n", summary(study))
     print(f"\nbest trials of {s.study_name!r} ({n_finished(study)} finished, "
-          f"{time.perf_counter() - t0:.0f}s this run):\n{table}")
+          f"{time.perf_counter() - t0:.0f}s this run):\n{table}\n\n"
+          f"{console.next_steps(cfg, study)}")
     return study
+
+
+def summary(study: optuna.Study) -> tuple[dict[str, float], dict[str, str]]:
+    """How the study went, for its parent run: (metrics, tags)."""
+    counts: dict[str, float] = {f"trials_{state.name.lower()}": len(study.get_trials(deepcopy=False,
+                                                                    states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    ranked = objectives.ranked(study)
+    if not ranked:
+        return counts, {}
+    best = ranked[0]
+    tags = {keys.BEST_TRIAL_TAG: str(best.number)}
+    tags |= {f"{keys.BEST_PARAM_TAG}.{k}": str(v) for k, v in best.params.items()}
+    if objectives.is_multi(study):
+        front = objectives.front(study)
+        tags[keys.FRONT_TAG] = " ".join(str(t.number) for t in front)
+        return counts | {keys.FRONT_SIZE: len(front)}, tags
+    return counts | {keys.BEST_OBJECTIVE: float(best.values[0])}, tags
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: data.Splits,
@@ -307,8 +361,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
         if bad:  # NaN/inf: nothing more to learn from this trial
             error = f"diverged: {bad[0]}={metrics[bad[0]]} at epoch {epoch}"
             return True
-        trial.report(metrics[VAL_ACC], epoch)
         console.epoch(trial.number, epoch, spec.max_epochs, metrics)
+        if objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
+            return False
+        trial.report(metrics[VAL_ACC], epoch)
         pruned = trial.should_prune()
         return pruned
 

@@ -93,6 +93,20 @@ class Tracker:
         except MlflowException as e:
             raise UserError(f"tracking.uri={self.uri}: {str(e).splitlines()[0][:300]}") from None
 
+    def trial_numbers(self) -> set[int]:
+        """The Optuna trial numbers that have a trial run here."""
+        numbers: set[int] = set()
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id],
+                                           filter_string=f"tags.`{keys.ROLE_TAG}` = 'trial'",
+                                           max_results=1000, page_token=token)
+            numbers |= {int(r.data.tags[keys.TRIAL_TAG]) for r in page
+                        if r.data.tags.get(keys.TRIAL_TAG, "").isdigit()}
+            token = page.token
+            if not token:
+                return numbers
+
     def has_runs(self, role: str) -> bool:
         runs = self.client.search_runs([self.experiment_id],
                                        filter_string=f"tags.`{keys.ROLE_TAG}` = '{role}'",
@@ -140,10 +154,19 @@ class Tracker:
         status = status or ("FAILED" if state == "FAIL" else "FINISHED")
         self.client.set_terminated(run_id, status=status)
 
-    def close_parent(self, run_id: str, status: str | None, summary_md: str | None = None) -> None:
-        """status None: other workers still run trials; the last one to stop ends the run."""
+    def close_parent(self, run_id: str, status: str | None, summary_md: str | None = None,
+                     summary: tuple[dict[str, float], dict[str, str]] | None = None) -> None:
+        """status None: other workers still run trials; the last one to stop ends the run.
+        summary: (metrics, tags) that say how the study went, for the runs table."""
         if summary_md:
             self.client.log_text(run_id, summary_md, "best_trials.md")
+        if summary is not None:
+            metrics, tags = summary
+            old = self.client.get_run(run_id).data.tags
+            for stale in [k for k in old if k.startswith(keys.BEST_PARAM_TAG + ".")
+                          and k not in tags]:  # a former best's parameter (another depth)
+                self.client.delete_tag(run_id, stale)
+            self._log(run_id, metrics=metrics, tags=tags)
         if status is not None:
             self.client.set_terminated(run_id, status=status)
 

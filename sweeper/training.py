@@ -161,12 +161,17 @@ def make_augment(a: AugmentConfig | None, seed: int) -> BatchAugment | None:
                         a.elastic_alpha if a.name == "elastic" else 0.0, a.elastic_sigma, seed)
 
 
+CHANNELS_LAST_MIN = 16  # narrowest conv layer for NHWC (scripts/bench_channels_last.py)
+
+
 def build(spec: TrialSpec, splits: Splits) -> Classifier:
     pl.seed_everything(spec.seed, verbose=False)
     net = build_model(spec.arch, splits.in_shape, splits.n_classes)
-    if spec.arch.family != "mlp":
+    if spec.arch.family != "mlp" and min(spec.arch.hidden) >= CHANNELS_LAST_MIN:
         # NHWC weights make convolutions run channels-last: 1.35x faster per CPU step here
-        # (147 vs 198 ms for the cnn_best network, batch 128, one thread).
+        # (147 vs 198 ms for the cnn_best network, batch 128, one thread). Not for very narrow
+        # nets: oneDNN's channels-last 1x1 convolution backward takes >7 s a step with 4 or 5
+        # channels (0.05 s in NCHW), and below 16 channels NHWC gains nothing.
         net = net.to(memory_format=torch.channels_last)
     total_steps = spec.max_epochs * -(-len(splits.y_train) // spec.batch_size)
     return Classifier(net, spec.optimizer, spec.lr, spec.weight_decay, spec.lr_schedule,

@@ -23,6 +23,10 @@ def mnist_root() -> Path:
 
 @pytest.fixture
 def tiny_cfg(tmp_path: Path) -> Config:
+    return make_tiny_cfg(tmp_path)
+
+
+def make_tiny_cfg(tmp_path: Path) -> Config:
     """A study on the embedded sample, stores in tmp_path: seconds on a CPU."""
     cfg = Config(name="tiny")
     cfg.data.name, cfg.data.val_size = "mnist_sample", 1000

@@ -1,6 +1,7 @@
 """Bad input at the command line: one clear line, non-zero exit, never a traceback."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,11 @@ def test_live_indicator_on_a_terminal(tmp_path):
 def test_default_data_on_an_offline_machine_falls_back_and_runs(tmp_path):
     # What `make run` does on a fresh offline machine: data=mnist, nothing cached, no network.
     result = sweep(tmp_path, "+experiment=smoke", "data=mnist", "search.n_trials=1",
-                   SWEEPER_CACHE=str(tmp_path / "cache"))
+                   SWEEPER_CACHE=str(tmp_path / "cache"), MPLCONFIGDIR=str(tmp_path / "mpl"))
     assert result.returncode == 0, result.stderr
+    # No library log lines (before: matplotlib's font-cache INFO line on a first run).
+    logs = [ln for ln in (result.stdout + result.stderr).splitlines()
+            if re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+\]\[", ln)]
+    assert not logs, logs
     assert "EMBEDDED 5,000-IMAGE SAMPLE" in result.stderr
     assert "(fallback: full MNIST unavailable): 4,000 train / 1,000 val" in result.stdout

@@ -87,7 +87,7 @@ def test_invalid_values_are_rejected(changes, message):
 @pytest.mark.parametrize("spec, message", [
     (ParamSpec("int", low=4, high=1), "empty range"),
     (ParamSpec("int", low=0, high=3), "depth must be an integer >= 1"),
-    (ParamSpec("float", low=0.5, high=1.0), None),  # wrong for depth: a float range
+    (ParamSpec("float", low=0.5, high=1.0), "depth takes integers"),  # a float range
     (ParamSpec("categorical", choices=[]), "non-empty 'choices'"),
     (ParamSpec("int", low=1, high=3, log=True, step=1), "either log or step"),
     (ParamSpec("cube", low=1, high=3), "type='cube' is not one of"),

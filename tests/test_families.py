@@ -61,6 +61,23 @@ def test_resolve_builds_each_family_from_config():
     assert spec.mlflow_params()["depth"] == 2 and spec.mlflow_params()["channels"] == "16-32-64"
 
 
+@pytest.mark.parametrize("family, width, nhwc", [("resnet", 4, False), ("cnn", 8, False),
+                                                 ("resnet", 16, True), ("cnn", 32, True)])
+def test_only_conv_nets_of_16_channels_or_more_run_channels_last(family, width, nhwc):
+    # oneDNN's channels-last 1x1 convolution backward took >7 s a step for a 4-channel ResNet
+    # (0.05 s in NCHW): the test suite's tiny ResNet study ran for over 10 minutes.
+    cfg = Config()
+    cfg.model.family, cfg.model.depth, cfg.model.width = family, 2, width
+    splits = data.load_splits(DataConfig(name="mnist_sample", val_size=1000), 0,
+                              torch.device("cpu"))
+    module = training.build(training.resolve(cfg, {}, 0), splits)
+    # (a weight with one input channel or a 1x1 kernel is contiguous both ways)
+    convs = [m.weight for m in module.net.modules() if isinstance(m, torch.nn.Conv2d)
+             and m.in_channels > 1 and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == nhwc
+                         and w.is_contiguous() != nhwc for w in convs)
+
+
 def test_augmentation_keeps_shape_dtype_and_order_and_is_seeded():
     x = torch.from_numpy(data.load(DataConfig(name="mnist_sample")).images[:16]).float()
     x = x.div(255).unsqueeze(1)

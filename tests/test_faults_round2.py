@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 from PIL import Image
 
-from sweeper import data, kaggle, keys, predict
+from sweeper import data, kaggle, keys, predict, recipe
 from sweeper.config import DataConfig
 from sweeper.errors import UserError
 from tests.test_idx import idx_bytes
@@ -85,9 +85,24 @@ def test_stores_that_disagree_are_refused(tmp_path, emptied):
     os.truncate(tmp_path / "mlruns" / emptied, 0)
     line = one_error_line(sweep(tmp_path, *ONE_TRIAL))
     assert "the stores disagree" in line
-    _, parents, children = runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "smoke") \
-        if emptied == "optuna.db" else (None, [None], [None])
-    assert len(parents) == 1 and len(children) == 1  # nothing merged, nothing duplicated
+    if emptied == "optuna.db":  # nothing merged into MLflow, nothing duplicated
+        _, parents, children = runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "smoke")
+        assert len(parents) == 1 and len(children) == 1
+    else:  # the Optuna store is as it was: no trial started
+        study = optuna.load_study(study_name="smoke",
+                                  storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+        assert [t.state.name for t in study.trials] == ["COMPLETE"]
+
+
+def test_an_optuna_store_restored_from_an_older_copy_is_refused(tmp_path):
+    assert sweep(tmp_path, *ONE_TRIAL).returncode == 0
+    shutil.copy(tmp_path / "mlruns" / "optuna.db", tmp_path / "older.db")
+    assert sweep(tmp_path, *ONE_TRIAL, "search.n_trials=2").returncode == 0
+    shutil.copy(tmp_path / "older.db", tmp_path / "mlruns" / "optuna.db")
+    line = one_error_line(sweep(tmp_path, *ONE_TRIAL, "search.n_trials=2"))
+    assert "holds runs of trial 1" in line and "restored from an older copy" in line
+    _, _, children = runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "smoke")
+    assert sorted(c.data.tags[keys.TRIAL_TAG] for c in children) == ["0", "1"]  # before: 0, 1, 1
 
 
 def test_checkpoints_of_an_earlier_study_are_never_overwritten(tmp_path):
@@ -95,7 +110,7 @@ def test_checkpoints_of_an_earlier_study_are_never_overwritten(tmp_path):
     for name in ("optuna.db", "mlflow.db"):
         (tmp_path / "mlruns" / name).unlink()
     line = one_error_line(sweep(tmp_path, *ONE_TRIAL))
-    assert "holds checkpoints of an earlier study" in line
+    assert "holds trial-000.pt of a study of that name that went further" in line
 
 
 def test_an_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
@@ -135,9 +150,16 @@ def test_export_from_another_folder_finds_the_checkpoint(tmp_path):
     assert sweep(tmp_path, *ONE_TRIAL).returncode == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = _export(elsewhere, "--out", "out", "--no-mlflow", "--storage",
+    result = _export(elsewhere, "--out", "out", "--storage",
                      f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    # MLflow's store is found beside the Optuna store (before: a stray elsewhere/mlruns/mlflow.db)
     assert result.returncode == 0, result.stderr
+    assert "MLflow: logged to the trial's run" in result.stdout
+    assert not (elsewhere / "mlruns" / "mlflow.db").exists()
+    missing = _export(elsewhere, "--out", "o", "--storage",
+                      f"sqlite:///{tmp_path}/mlruns/optuna.db", "--tracking-uri",
+                      "sqlite:///nowhere/mlflow.db")
+    assert "--tracking-uri sqlite:///nowhere/mlflow.db: no such file" in one_error_line(missing)
     # A study made before paths were stored absolute: found beside the Optuna store's folder.
     import sqlite3
 
@@ -148,6 +170,15 @@ def test_export_from_another_folder_finds_the_checkpoint(tmp_path):
     result = _export(elsewhere, "--out", "out2", "--no-mlflow", "--storage",
                      f"sqlite:///{tmp_path}/mlruns/optuna.db")
     assert result.returncode == 0, result.stderr
+
+
+def test_trial_recipes_store_absolute_data_paths(tiny_cfg, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    tiny_cfg.data.root, tiny_cfg.data.train_csv = "data/mnist", "k/train.csv"
+    stored = recipe.of_config(tiny_cfg)["data"]
+    assert stored["root"] == str(tmp_path / "data" / "mnist")
+    assert stored["train_csv"] == str(tmp_path / "k" / "train.csv")
+    assert stored["test_csv"] is None
 
 
 def test_export_checks_its_inputs_before_any_work(tmp_path):
@@ -231,6 +262,16 @@ def test_a_dead_tracking_server_fails_in_seconds_and_leaves_no_study(tmp_path):
     assert not (tmp_path / "mlruns" / "hydra").exists()  # a refused run leaves no folder
 
 
+def test_a_refused_run_in_hydra_run_dir_dot_removes_only_what_hydra_wrote(tmp_path):
+    # Before: the whole run folder was deleted, i.e. the user's working folder.
+    (tmp_path / "notes.txt").write_text("mine")
+    result = sweep(tmp_path, "+experiment=smoke", "data=mnist", "data.root=/nonexistent/mnist",
+                   "hydra.run.dir=.")
+    assert result.returncode == 2 and "no MNIST IDX files" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / ".hydra").exists() and not (tmp_path / "__main__.log").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["foo=1"], "foo: no such setting (to add a new key, write +foo=...)"),
     (["trainer.max_epoch=1"], "did you mean trainer.max_epochs?"),
@@ -238,6 +279,8 @@ def test_a_dead_tracking_server_fails_in_seconds_and_leaves_no_study(tmp_path):
     (["data=imagenet"], "choose one of: fashion_mnist, kaggle, mnist, mnist_sample"),
     (["tracking.uri=bogus://x"], "tracking.uri=bogus://x: use sqlite:///"),
     (["search.storage=sqlite:///:memory:"], "would lose the study"),
+    (["trainer.lr=["], "trainer.lr=[: no viable alternative"),  # before: a traceback
+    (["seed=0,1"], "To sweep over it, add --multirun"),
 ])
 def test_hydra_and_store_errors_are_one_line(tmp_path, overrides, message):
     args = overrides if overrides[0].startswith("+experiment") else ["+experiment=smoke",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lightning_modules.metrics import VAL_ACC
+from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
 from sweeper import (
     checkpoints,
     data,
@@ -26,6 +26,7 @@ from sweeper import (
     population,
     recipe,
     repeats,
+    search_space,
     training,
 )
 from sweeper.config import ParamSpec
@@ -94,6 +95,15 @@ def test_export_refit_and_repeats_use_the_trials_own_recipe(tiny_cfg, tmp_path, 
     with pytest.raises(UserError, match=r"trainer\.max_epochs"):
         run_study(later)
 
+    # The trials' own recipe says 2 epochs, this run's config 1: refit and repeats must follow
+    # the trial (written behind Optuna's back: finished trials are read-only through its API).
+    import sqlite3
+
+    own = json.loads(json.dumps(recipe.of_config(tiny_cfg)))
+    own["trainer"]["max_epochs"] = 2
+    with sqlite3.connect(tiny_cfg.search.storage.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE trial_user_attributes SET value_json=? WHERE key=?",
+                   (json.dumps(own), keys.RECIPE))
     specs: list[training.TrialSpec] = []
     fit = training.fit
 
@@ -105,19 +115,19 @@ def test_export_refit_and_repeats_use_the_trials_own_recipe(tiny_cfg, tmp_path, 
     out = tmp_path / "refit"
     assert export.main(["--study", "tiny", "--trial", "0", "--refit", "--out", str(out),
                         "--storage", tiny_cfg.search.storage, "--no-mlflow"]) == 0
-    assert [s.max_epochs for s in specs] == [1]
+    assert [s.max_epochs for s in specs] == [2]
     meta = json.loads((out / "model.json").read_text())
-    assert meta["config"]["trainer"]["max_epochs"] == 1
+    assert meta["config"]["trainer"]["max_epochs"] == 2
     # The metrics describe the exported (refit) weights, and say so.
     m = meta["metrics"]
-    assert m["weights"] == "refit on train+validation" and m["epochs"] == 1
+    assert m["weights"] == "refit on train+validation" and m["epochs"] == 2
     assert m["trained_on"] == 5000 and 0 < m["train_acc"] <= 1 and VAL_ACC not in m
     assert meta["trial_metrics"][VAL_ACC] == study.trials[0].user_attrs[VAL_ACC]
 
     specs.clear()
     tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 2, 1
     run_study(tiny_cfg)
-    assert [s.max_epochs for s in specs] == [1]  # the repeat, with the trial's recipe
+    assert [s.max_epochs for s in specs] == [2]  # the repeat, with the trial's recipe
 
 
 def test_an_error_in_a_seed_repeat_fails_that_repeat_not_the_run(tiny_cfg, monkeypatch, capsys):
@@ -221,20 +231,44 @@ def test_grid_retries_a_failed_point_first_and_never_repeats_a_finished_one(tiny
     assert sorted(t.params["width"] for t in trials[1:]) == [16, 32, 48]  # each point once
 
 
+def test_a_grid_point_that_always_fails_does_not_block_the_others(tiny_cfg, monkeypatch):
+    tiny_cfg.trainer.max_epochs, tiny_cfg.search.pruner = 1, "none"
+    tiny_cfg.search.sampler, tiny_cfg.search.n_trials = "grid", 3
+    tiny_cfg.search.space = {"width": ParamSpec("int", low=16, high=48, step=16)}
+    fit, bad = training.fit, []
+
+    def first_point_always_fails(module, spec, *args, **kwargs):
+        bad[:] = bad or [spec.arch.hidden[0]]
+        if spec.arch.hidden[0] == bad[0]:
+            raise RuntimeError("diverges every time")
+        return fit(module, spec, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", first_point_always_fails)
+    with pytest.raises(UserError, match="3 trials failed in a row"):
+        run_study(tiny_cfg)
+    study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
+    done = sorted(t.params["width"] for t in study.trials if t.state == TrialState.COMPLETE)
+    assert done == sorted({16, 32, 48} - {bad[0]})  # before: the sweep stopped on the bad point
+    assert [t.params["width"] for t in study.trials[:2]] == [bad[0]] * 2  # retried once, first
+
+
 def test_recovery_never_relabels_a_trial_that_ended_normally(tiny_cfg, monkeypatch):
     splits = data.load_splits(tiny_cfg.data, tiny_cfg.seed, torch.device("cpu"))
     study = open_study(tiny_cfg, splits, open_storage(tiny_cfg))
     tracker = Tracker(tiny_cfg.tracking.uri, None, "tiny")
     trial = study.ask({"width": optuna.distributions.IntDistribution(16, 64)})
     trial.suggest_int("width", 16, 64)
-    trial.set_user_attr(keys.WORKER, liveness.this_worker())  # alive: this process
+    trial.set_user_attr(keys.WORKER, "host:boot:ns:1:1")
 
-    def owner_fails_it_meanwhile(s):  # the owner ends it normally while recovery looks
-        s.tell(trial.number, state=TrialState.FAIL)
+    def judged_dead_while_it_ends(owner: str) -> bool:
+        # Recovery saw the trial RUNNING; its owner ends it normally before recovery acts.
+        study.tell(trial.number, 0.5)
+        return True
 
-    monkeypatch.setattr(optuna.storages, "fail_stale_trials", owner_fails_it_meanwhile)
+    monkeypatch.setattr(liveness, "is_dead_here", judged_dead_while_it_ends)
     assert outcome.recover_dead_trials(study, tracker) == []
-    assert [t.state for t in study.trials] == [TrialState.FAIL]  # nothing re-queued
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # not FAIL, nothing queued
+    assert f"{keys.RECOVERED}.0" not in study.user_attrs
 
 
 def test_a_trial_never_stamped_by_its_asker_is_recovered_at_once(tiny_cfg):
@@ -320,6 +354,10 @@ def test_diverged_repeats_are_left_out_of_the_means_and_reported(tiny_cfg, monke
     out = capsys.readouterr().out
     assert f"trial {best:3d} seed 2: " in out and "diverged (train_loss=nan" in out
     assert "(2 seeds, 1 diverged)" in out
+    # A study made before this fix stored a diverged repeat as NaN metrics: left out as well.
+    study.set_user_attr(f"{keys.REPEAT}.{best}.2", {VAL_ACC: math.nan, TRAIN_ACC: math.nan,
+                                                     GAP: math.nan, keys.SEED: 2})
+    assert len(repeats.results(study)[best]) == 2 and repeats.diverged(study) == {best: 1}
 
 
 def test_population_and_study_modules_do_not_import_each_other():
@@ -328,3 +366,16 @@ def test_population_and_study_modules_do_not_import_each_other():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_an_error_between_ask_and_stamp_leaves_no_running_trial(tiny_cfg, monkeypatch):
+    def broken_suggest(*args, **kwargs):
+        raise RuntimeError("suggest broke")
+
+    monkeypatch.setattr(search_space, "suggest", broken_suggest)
+    with pytest.raises(RuntimeError, match="suggest broke"):
+        run_study(tiny_cfg)
+    study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # before: RUNNING, unowned
+    _, parents, _ = runs(tiny_cfg.tracking.uri, "tiny")
+    assert parents[0].info.status == "FAILED"  # before: RUNNING (it counted as running elsewhere)

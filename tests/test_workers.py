@@ -39,7 +39,7 @@ def stores(postgres_cluster, tmp_path) -> tuple[str, str, list[str]]:
 
 @contextlib.contextmanager
 def mlflow_server(backend: str, artifacts: Path) -> Iterator[str]:
-    """`mlflow server` on a PostgreSQL backend store, as in README's "Scale out"."""
+    """`mlflow server` on a PostgreSQL backend store, as in docs/scale-out.md, "Scale out"."""
     port = free_port()
     log = open(artifacts.parent / "mlflow-server.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
