@@ -40,6 +40,13 @@ def make_tiny_cfg(tmp_path: Path) -> Config:
     return cfg
 
 
+def skip_unless_ci(why: str) -> None:
+    """A test whose tool is missing: skipped here, but a failure under CI, which must run it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; CI must run this test")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster():
     """A throwaway PostgreSQL server for the multi-worker tests (see tests/postgres.py)."""
@@ -47,10 +54,8 @@ def postgres_cluster():
 
     bin_dir = server_bin()
     if bin_dir is None:
-        why = "PostgreSQL server binaries not found (Debian: apt-get install postgresql)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}; CI must run the multi-worker tests (.ci/run installs it)")
-        pytest.skip(why)
+        skip_unless_ci("PostgreSQL server binaries not found (Debian: apt-get install "
+                       "postgresql; .ci/run installs it)")
     cluster = Throwaway(bin_dir)
     yield cluster
     cluster.stop()

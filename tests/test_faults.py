@@ -145,12 +145,16 @@ def test_kill_9_mid_trial_then_resume(tmp_path):
     check_resumed(tmp_path, interrupted=1)
 
 
-def _poison_after(build, steps: int):
-    """Make the network output NaN once it has taken `steps` optimizer steps (real divergence:
-    NaN loss, NaN gradients, NaN weights)."""
+def diverge_on_build(monkeypatch, call: int, steps: int) -> None:
+    """The `call`-th network built (1 = the first) outputs NaN once it has taken `steps`
+    optimizer steps (real divergence: NaN loss, NaN gradients, NaN weights)."""
+    build, calls = training.build, []
 
     def poisoned(spec, splits):
         module = build(spec, splits)
+        calls.append(spec)
+        if len(calls) != call:
+            return module
 
         def hook(_, args):
             if module.training and module.steps_done >= steps:
@@ -159,19 +163,13 @@ def _poison_after(build, steps: int):
 
         module.net.register_forward_pre_hook(hook)
         return module
-    return poisoned
+
+    monkeypatch.setattr(training, "build", poisoned)
 
 
 def test_divergence_fails_the_trial_with_a_reason_and_the_sweep_goes_on(tiny_cfg, monkeypatch):
     tiny_cfg.search.n_trials = 2
-    build, calls = training.build, []
-    poisoned = _poison_after(build, 10)
-
-    def first_trial_diverges(spec, splits):
-        calls.append(spec)
-        return poisoned(spec, splits) if len(calls) == 1 else build(spec, splits)
-
-    monkeypatch.setattr(training, "build", first_trial_diverges)
+    diverge_on_build(monkeypatch, call=1, steps=10)
     study = run_study(tiny_cfg)
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]

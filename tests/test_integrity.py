@@ -33,7 +33,8 @@ from sweeper.config import ParamSpec
 from sweeper.errors import UserError
 from sweeper.study import open_storage, open_study, run_study
 from sweeper.tracking import Tracker
-from tests.test_faults import _poison_after
+from tests.conftest import skip_unless_ci
+from tests.test_faults import diverge_on_build
 from tests.test_study import REPO, runs, sweep
 
 
@@ -294,10 +295,8 @@ def _unshare_pid() -> list[str] | None:
 def test_a_worker_in_another_pid_namespace_is_not_taken_for_dead():
     prefix = _unshare_pid()
     if prefix is None:
-        why = "unshare --pid is not available (util-linux, and root or user namespaces)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}; CI must run this test")
-        pytest.skip(why)
+        skip_unless_ci("unshare --pid is not available (util-linux, and root or user "
+                       "namespaces)")
     code = ("import sys; from sweeper import liveness; print(liveness.this_worker(), "
             "flush=True); sys.stdin.read()")
     other = subprocess.Popen([*prefix, sys.executable, "-c", code], stdin=subprocess.PIPE,
@@ -338,14 +337,7 @@ def test_diverged_repeats_are_left_out_of_the_means_and_reported(tiny_cfg, monke
                                                                  capsys):
     tiny_cfg.search.pruner = "none"
     tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 3, 1
-    build, calls = training.build, []
-    poisoned = _poison_after(build, 5)
-
-    def second_repeat_diverges(spec, splits):
-        calls.append(spec)
-        return poisoned(spec, splits) if len(calls) == 4 else build(spec, splits)
-
-    monkeypatch.setattr(training, "build", second_repeat_diverges)
+    diverge_on_build(monkeypatch, call=4, steps=5)  # 2 trials, then the second repeat
     study = run_study(tiny_cfg)
     best = study.best_trial.number
     seeds = repeats.results(study)[best]
