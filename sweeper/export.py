@@ -217,6 +217,9 @@ def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
     from sweeper import kaggle, stores
 
     out: Path = args.out
+    if getattr(args, "epochs", None) is not None and (not args.refit or args.epochs < 1):
+        raise UserError(f"--epochs {args.epochs}: needs --refit and a value >= 1 (it sets how "
+                        "long the refit trains)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder (it is made if missing)")
     parent = next(p for p in (out, *out.parents) if p.exists())
@@ -245,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
     ap.add_argument("--refit", action="store_true", help="retrain on train + validation first")
+    ap.add_argument("--epochs", type=int, help="with --refit: train this many epochs (default: "
+                    "the trial's); a study that compares at a short budget can refit longer")
     ap.add_argument("--kaggle-test", type=Path, help="Kaggle test.csv: write submission.csv")
     ap.add_argument("--storage", default=DEFAULT_STORAGE)
     ap.add_argument("--tracking-uri", help="default: mlflow.db beside the --storage SQLite file")
@@ -276,6 +281,8 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--storage {args.storage}: {one_line(e, 200)}") from None
     trial = choose_trial(study, args.trial)
     cfg = recipe.of_trial(study, trial)  # the settings this trial trained with
+    if args.epochs is not None:  # the schedule (cosine, one-cycle) stretches to the new length
+        cfg.trainer.max_epochs = args.epochs
     a = trial.user_attrs
     trial_metrics = {k: a.get(k) for k in (TRAIN_ACC, VAL_ACC, GAP, BEST_VAL_ACC, EPOCHS_RUN,
                                            keys.N_PARAMS)}

@@ -43,3 +43,8 @@ BEST_PARAM_TAG = "best.param"  # best.param.NAME: its parameters
 FRONT_TAG = "pareto_front"  # multi-objective: the front's trial numbers
 BEST_OBJECTIVE = "best_objective"  # metric: the best trial's objective value
 FRONT_SIZE = "pareto_front_size"  # metric: trials on the Pareto front
+# The size verdict (size_effect.py): tag bigger|smaller|null|unclear; metrics in points from the
+# smallest to the largest network, with their 95% interval (suffixes _low, _high).
+SIZE_VERDICT_TAG = "size_effect.verdict"
+SIZE_EFFECT_VAL = "size_effect_val_acc"
+SIZE_EFFECT_GAP = "size_effect_gap"

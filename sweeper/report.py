@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import keys, objectives, repeats, stats
+from sweeper import keys, objectives, repeats, size_effect, stats
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING
 from sweeper.errors import UserError
 
 DROPOUT_BANDS = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.0))  # dropout confounds size: compare within
+COVARIATES = ("depth", "size", "dropout", "lr", "family")  # Row's own fields (size: n_params)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Row:
     # With seed repeats: final metrics of every seed (the trial's own first); the statistics and
     # figures then use the mean over seeds, with the standard deviation as error bars.
     seeds: list[dict[str, float]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # other searched params (covariates)
+    logs: frozenset[str] = frozenset()  # params the search sampled on a log scale
 
     def mean_std(self, metric: str) -> tuple[float, float]:
         if len(self.seeds) < 2:
@@ -60,6 +63,9 @@ class Report:
     bands: list[tuple[str, stats.Correlation, stats.Correlation]]
     verdict: str
     excluded_pruned: int
+    # Size with the other hyperparameters held fixed (the verdict): val_acc and gap, in points.
+    effect_val: size_effect.Effect | None = None
+    effect_gap: size_effect.Effect | None = None
 
 
 def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
@@ -85,7 +91,10 @@ def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
                         float(p.get("lr", trainer.get("lr", 0.0))), int(a[keys.N_PARAMS]),
                         int(a.get("epochs_run", 0)), float(a[TRAIN_ACC]), float(a[VAL_ACC]),
                         float(a[GAP]), a.get(keys.MLFLOW_RUN_ID),
-                        family))
+                        family, extra={k: v for k, v in p.items() if k not in COVARIATES
+                                       and not k.startswith("width")},
+                        logs=frozenset(k for k, d in t.distributions.items()
+                                       if getattr(d, "log", False))))
     seeds = repeats.results(study)
     for r in rows:
         r.seeds = seeds.get(r.number, [])
@@ -104,19 +113,29 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
         if i.sum() >= 3:
             bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
                           stats.correlation(size[i], val[i])))
-    text = verdict(size_gap, size_val, bands, len(rows))
+    trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
+    effect_val = size_effect.estimate(trials, VAL_ACC)
+    effect_gap = size_effect.estimate(trials, GAP)
+    text = size_effect.sentence(effect_val, effect_gap, budget)
+    if len(rows) >= 3:
+        text += " " + ranks(size_gap, size_val)
     kinds = sorted({r.family for r in rows})
-    for fam in kinds:  # a dip across families would only show that families differ
+    # A dip means something only where size alone varies: with other settings varying, their
+    # effects (and the fit's residual noise, ~0.5 points in depth_vs_width) make dips.
+    alone = effect_val.verdict == "too few" or not effect_val.held or effect_val.held == (
+        "family",)
+    for fam in kinds if alone else ():  # a dip across families would only show they differ
         if (d := dip([r for r in rows if r.family == fam])) is not None:
             text += d if len(kinds) == 1 else f" ({fam})" + d
     text += families(rows)
-    return Report(study_name, rows, setup, size_gap, size_val, bands, text, excluded_pruned)
+    return Report(study_name, rows, setup, size_gap, size_val, bands, text, excluded_pruned,
+                  effect_val, effect_gap)
 
 
 def dip(rows: list[Row], points: float = 0.01) -> str | None:
-    """A rank correlation only sees monotone trends. Say so when validation accuracy (by size)
-    falls by `points` or more below an earlier peak and later climbs above it again: the
-    double-descent shape."""
+    """A smooth fit only sees smooth trends. Say so when validation accuracy (by size) falls by
+    `points` or more below an earlier peak and later climbs above it again: the double-descent
+    shape."""
     val = [r.mean_std(VAL_ACC)[0] for r in rows]
     for i in range(len(val)):
         j = min(range(i, len(val)), key=lambda k: val[k])
@@ -164,30 +183,32 @@ def families(rows: list[Row]) -> str:
             + ".")
 
 
-def verdict(size_gap: stats.Correlation, size_val: stats.Correlation,
-            bands: list[tuple[str, stats.Correlation, stats.Correlation]], n: int) -> str:
-    if n < 3:
-        return (f"Not enough complete trials to say ({n}); run more trials "
-                "(search.n_trials) or include pruned ones (--include-pruned).")
-    answer = {1: "**Yes**: bigger networks reached higher validation accuracy",
-              -1: "**No**: bigger networks reached lower validation accuracy",
-              0: "**Unclear**: validation accuracy shows no clear trend with size"}[size_val.sign]
-    gap_text = {1: "they also fit the training set better than they generalize: the "
-                   "train-validation gap grows with size",
-                -1: "and the train-validation gap shrinks with size",
-                0: "the train-validation gap shows no clear trend with size"}[size_gap.sign]
-    text = (f"{answer} (Spearman rho of n_params with val_acc {size_val}); {gap_text} (rho with "
-            f"gap {size_gap}). Intervals are 95% bootstrap intervals over trials; \"clear\" "
-            "means the interval excludes 0.")
-    flips = [name for name, g, v in bands
-             if (v.sign and v.sign != size_val.sign) or (g.sign and g.sign != size_gap.sign)]
-    if flips:
-        text += (f" Within {', '.join(flips)} the trend differs from the pooled one: dropout "
-                 "confounds size in this study.")
-    elif bands:
-        text += (" Within each dropout band with enough trials the trends do not contradict "
-                 "the pooled ones.")
+def ranks(size_gap: stats.Correlation, size_val: stats.Correlation) -> str:
+    """The unadjusted view, for comparison: rank correlations of size with each metric."""
+    word = {1: "rises", -1: "falls", 0: "no clear trend"}
+    text = (f"Not adjusted for anything else, validation accuracy {word[size_val.sign]} with "
+            f"size (Spearman rho {size_val}) and the gap {word[size_gap.sign]} (rho "
+            f"{size_gap}); 95% bootstrap intervals over trials.")
     return text
+
+
+def study_effects(study: Any) -> tuple[size_effect.Effect, size_effect.Effect, str] | None:
+    """The size effects on val_acc and the gap from a study's own record (no MLflow needed),
+    with the budget note; None when it has too few comparable trials to give one."""
+    rows, _ = rows_of(study, include_pruned=False)
+    if len({r.n_params for r in rows}) < 3:
+        return None
+    trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
+    val = size_effect.estimate(trials, VAL_ACC)
+    if val.verdict == "too few":
+        return None
+    return val, size_effect.estimate(trials, GAP), budget
+
+
+def console_verdict(study: Any) -> str | None:
+    """The end of a run: the size verdict in plain words, when the study can give one."""
+    found = study_effects(study)
+    return None if found is None else size_effect.sentence(*found).replace("**", "")
 
 
 def fetch_curves(rows: list[Row], tracking_uri: str) -> None:
@@ -274,6 +295,9 @@ def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
             "validation accuracy vs size", val_err)
     scatter("gap_vs_dropout.png", np.array([r.dropout for r in rows]), gap_pct, "dropout",
             "gap (train - val), %", False, "gap vs dropout", gap_err)
+
+    if rep.effect_val is not None and rep.effect_val.adjusted is not None:
+        made["size_effect.png"] = partial_effect(plt, out / "size_effect.png", rep)
 
     # Accuracy-vs-size front: no smaller network reaches a higher validation accuracy.
     order = sorted(rows, key=lambda r: (r.n_params, -r.mean_std(VAL_ACC)[0]))
@@ -367,6 +391,52 @@ def figures(rep: Report, study: Any, out: Path) -> dict[str, str]:
     return made
 
 
+def partial_effect(plt: Any, path: Path, rep: Report) -> str:
+    """Validation accuracy and the gap against size with the other hyperparameters held at their
+    means (partial residuals), and the fitted line."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, e, label in ((axes[0], rep.effect_val, "validation accuracy"),
+                         (axes[1], rep.effect_gap, "gap (train - val)")):
+        if e is None or e.adjusted is None or e.sizes is None:
+            ax.set_axis_off()
+            continue
+        x = np.array(e.sizes, dtype=np.float64)
+        ax.scatter(x, e.adjusted, color="C0", edgecolors="k", linewidths=0.3, label="trials")
+        line = np.geomspace(x.min(), x.max(), 50)
+        ax.plot(line, size_effect.fitted(e, line), "C3-",
+                label=f"fit: {e.estimate:+.2f} points [{e.low:+.2f}, {e.high:+.2f}]")
+        ax.set_xscale("log")
+        ax.set(xlabel="n_params", ylabel=f"{label}, % (adjusted)",
+               title=f"{label}: {e.verdict}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    held = rep.effect_val.held if rep.effect_val is not None else ()
+    fig.suptitle(f"{rep.study}: the effect of size, {', '.join(held) or 'nothing'} held at "
+                 "their means")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ("partial effect of size: each trial's validation accuracy and gap with the other "
+            "hyperparameters held at their means, and the fitted line")
+
+
+def effects_table(rep: Report) -> list[str]:
+    lines = ["| metric | from smallest to largest network, points | 95% interval | verdict | "
+             "trials | held fixed (regression covariates) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for e in (rep.effect_val, rep.effect_gap):
+        if e is None or e.verdict == "too few":
+            continue
+        lines.append(f"| {e.metric} | {e.estimate:+.2f} ({size_effect.params_text(e.smallest)}"
+                     f" to {size_effect.params_text(e.largest)}) | {e.low:+.2f} to "
+                     f"{e.high:+.2f} | {e.verdict} | {e.n} | {', '.join(e.covariates) or '-'} |")
+    e = rep.effect_val
+    if e is not None and e.depth is not None:
+        lines.append(f"| val_acc per extra layer at equal size | {e.depth[0]:+.2f} | "
+                     f"{e.depth[1]:+.2f} to {e.depth[2]:+.2f} | | {e.n} | |")
+    return lines if len(lines) > 2 else []
+
+
 def front_plot(plt: Any, path: Path, points: list[tuple[float, float]],
                front: list[tuple[float, float, int]], xlabel: str, ylabel: str, title: str,
                log: tuple[bool, bool]) -> None:
@@ -429,7 +499,8 @@ def markdown(rep: Report, made: dict[str, str]) -> str:
              "used below and their standard deviation drawn as error bars"
              if any(len(r.seeds) > 1 for r in rep.rows) else
              "- seed repeats: none (one seed per configuration; confirm.seeds=N adds them)",
-             "", "## Verdict", "", rep.verdict, "",
+             "", "## Verdict", "", rep.verdict, "", *effects_table(rep), "",
+             "Not adjusted (rank correlations, for comparison):", "",
              "| trials | rho(n_params, gap) | rho(n_params, val_acc) |", "| --- | --- | --- |",
              f"| all | {rep.size_gap} | {rep.size_val} |"]
     lines += [f"| {name} | {g} | {v} |" for name, g, v in rep.bands]
@@ -442,7 +513,7 @@ def markdown(rep: Report, made: dict[str, str]) -> str:
 
 
 def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
-          include_pruned: bool = False) -> Report:
+          include_pruned: bool = False, sizes: tuple[int, int] | None = None) -> Report:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -453,6 +524,8 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
     except Exception as e:
         raise UserError(f"--storage {storage}: {type(e).__name__}: {e}") from None
     rows, excluded = rows_of(study, include_pruned)
+    if sizes is not None:  # a sub-range of sizes: e.g. where returns diminish
+        rows = [r for r in rows if sizes[0] <= r.n_params <= sizes[1]]
     identity = study.user_attrs.get(keys.IDENTITY, {})
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     setup = {"data": identity.get("data.content", identity.get("data", "?")),
@@ -499,11 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mlflow", action="store_true", help="no curves, nothing logged")
     ap.add_argument("--out", type=Path, help="default: mlruns/reports/STUDY/")
     ap.add_argument("--include-pruned", action="store_true")
+    ap.add_argument("--min-params", type=int, default=0, help="only trials this big or bigger")
+    ap.add_argument("--max-params", type=int, help="only trials this big or smaller")
     args = ap.parse_args(argv)
     out = args.out or Path("mlruns/reports") / args.study
     try:
         rep = build(args.study, args.storage, None if args.no_mlflow else args.tracking_uri, out,
-                    args.include_pruned)
+                    args.include_pruned, (args.min_params, args.max_params or 2**63)
+                    if args.min_params or args.max_params else None)
     except UserError as e:
         print(f"sweeper.report: error: {e}", file=sys.stderr)
         return 2

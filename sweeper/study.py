@@ -35,6 +35,7 @@ from sweeper import (
     population,
     recipe,
     repeats,
+    report,
     samplers,
     search_space,
     stores,
@@ -320,9 +321,11 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             others = n_running(study)
             tracker.close_parent(parent, None if others else status,
                                  f"# {s.study_name}\n\n```\n{table}\n```\n", summary(study))
+    found = report.console_verdict(study)
     print(f"\nbest trials of {s.study_name!r} ({n_finished(study)} finished, "
           f"{time.perf_counter() - t0:.0f}s this run):\n{table}\n\n"
-          f"{console.next_steps(cfg, study)}")
+          + (f"does size buy generalization? {found}\n\n" if found else "")
+          + f"{console.next_steps(cfg, study)}")
     return study
 
 
@@ -337,6 +340,13 @@ def summary(study: optuna.Study) -> tuple[dict[str, float], dict[str, str]]:
     best = ranked[0]
     tags = {keys.BEST_TRIAL_TAG: str(best.number)}
     tags |= {f"{keys.BEST_PARAM_TAG}.{k}": str(v) for k, v in best.params.items()}
+    effects = report.study_effects(study)
+    if effects is not None:  # the size verdict, for the runs table
+        val, gap, _ = effects
+        tags[keys.SIZE_VERDICT_TAG] = val.verdict
+        for key, e in ((keys.SIZE_EFFECT_VAL, val), (keys.SIZE_EFFECT_GAP, gap)):
+            if e.verdict != "too few":
+                counts |= {key: e.estimate, f"{key}_low": e.low, f"{key}_high": e.high}
     if objectives.is_multi(study):
         front = objectives.front(study)
         tags[keys.FRONT_TAG] = " ".join(str(t.number) for t in front)

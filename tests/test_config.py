@@ -126,7 +126,7 @@ def test_null_removes_a_parameter_from_the_space():
     cfg = compose_cfg("+experiment=depth_vs_width", "~search.space.lr")
     assert "lr" not in cfg.search.space
     cfg = compose_cfg("+experiment=depth_vs_width", "search.space.lr=null")
-    assert set(cfg.search.space) == {"depth", "width", "dropout"}
+    assert set(cfg.search.space) == {"depth", "size", "dropout"}
     validate(cfg)
 
 

@@ -112,16 +112,21 @@ def test_clear_errors(exported, capsys):
     assert "--trial 99" in capsys.readouterr().err
     assert export.main(["--study", "exp", "--trial", str(worst.number), *args]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    assert export.main(["--study", "exp", "--epochs", "30", *args]) == 2
+    assert "--epochs 30: needs --refit" in capsys.readouterr().err
 
 
 def test_refit_retrains_a_dropped_trial(exported):
     tmp, study, cfg, _ = exported
     worst = min((t for t in study.trials if t.value is not None), key=lambda t: t.value)
-    rc = export.main(["--study", "exp", "--trial", str(worst.number), "--refit", "--out",
-                      str(tmp / "refit"), "--storage", cfg.search.storage, "--no-mlflow"])
+    assert worst.user_attrs["epochs_run"] != 1
+    rc = export.main(["--study", "exp", "--trial", str(worst.number), "--refit", "--epochs", "1",
+                      "--out", str(tmp / "refit"), "--storage", cfg.search.storage,
+                      "--no-mlflow"])
     assert rc == 0
     meta = json.loads((tmp / "refit" / "model.json").read_text())
     assert meta["refit"] is True and "refit: train+val" in meta["data_source"]
+    assert meta["metrics"]["epochs"] == 1  # --epochs sets the refit's length
 
 
 def test_predict_reads_the_users_digits_with_a_real_export(exported, tmp_path, capsys):

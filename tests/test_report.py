@@ -16,7 +16,7 @@ from sweeper.study import run_study
 
 FILES = {"report.md", "gap_vs_params.png", "val_vs_params.png", "gap_vs_dropout.png",
          "heatmap_val.png", "heatmap_gap.png", "learning_curves.png", "importance_val.png",
-         "importance_gap.png"}
+         "importance_gap.png", "pareto_size.png"}
 
 
 def test_spearman_matches_a_hand_computed_value():
@@ -54,14 +54,21 @@ def rows(val_trend: float, gap_trend: float, n: int = 12) -> list[report.Row]:
 
 def test_the_verdict_follows_the_numbers():
     up = report.analyse("s", rows(+0.02, +0.01), {}, 0)
-    assert up.verdict.startswith("**Yes**") and "grows with size" in up.verdict
+    assert up.verdict.startswith("**Yes, bigger networks generalized better**")
+    assert "gap grew with size" in up.verdict and up.effect_val.verdict == "bigger"
+    assert up.effect_val.estimate == pytest.approx(100 * 0.02 * 11 / 12, abs=0.01)
     down = report.analyse("s", rows(-0.02, -0.01), {}, 0)
-    assert down.verdict.startswith("**No**") and "shrinks with size" in down.verdict
+    assert down.verdict.startswith("**No, bigger networks generalized worse**")
+    assert "gap shrank with size" in down.verdict
     assert "Not enough" in report.analyse("s", rows(0.02, 0.01, n=2), {}, 0).verdict
     assert "Not monotone" not in up.verdict
     dipped = rows(+0.02, +0.01)
     for r, v in zip(dipped[3:6], (0.95, 0.94, 0.95), strict=True):
         r.val_acc = v  # falls >= 1 point below the peak, then recovers above it
+    # Where other settings vary too, their effects make dips: only a pure size ladder tells.
+    assert "Not monotone" not in report.analyse("s", dipped, {}, 0).verdict
+    for r in dipped:
+        r.depth, r.dropout = 1, 0.0
     assert "Not monotone: validation accuracy falls from" in report.analyse(
         "s", dipped, {}, 0).verdict
 

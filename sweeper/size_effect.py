@@ -1,0 +1,275 @@
+"""Does size itself move validation accuracy and the gap, with the other hyperparameters held
+fixed? An ordinary least-squares fit over the trials trained to one common budget:
+
+    metric ~ 1 + s + s^2 + depth + dropout + dropout^2 + log10(lr) + log10(lr)^2 + ...,
+    s = log10(n_params) (s^2 centred: returns diminish with size; dropped when trials are few)
+
+(every other searched parameter that varies enters the same way: numbers linearly and, with 3+
+distinct values, squared; log10 for those sampled on a log scale; categories as indicators).
+The effect of size is the fitted size curve's rise from the smallest to the largest network:
+"with the rest held fixed, validation accuracy moves by E points", and the same over the
+largest tenfold. Its 95% interval is a percentile bootstrap over trials (pairs, 2,000
+resamples, seeded). A rank correlation cannot do this: when a sampler ties size to dropout or
+learning rate, their effects show up as a size effect.
+
+Three answers, plus one for too small a study: bigger is better (the interval is above 0),
+bigger is worse (below 0), no difference that matters (the interval lies within +-margin points,
+so the change is bounded), or unclear, with the number of trials that would narrow the interval
+to +-margin (from the fit's standard error, which shrinks as 1/sqrt(n)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MARGIN = 0.25  # points: a change of size's effect smaller than this does not matter here
+RESAMPLES = 2000
+MIN_RESIDUAL_DF = 8  # trials beyond the fitted coefficients, or the interval means little
+CURVE_DF = 12  # the curved size term only with this many to spare
+
+
+@dataclass
+class Trial:
+    """One trial's inputs to the fit: metric values in points (accuracy x 100)."""
+    n_params: int
+    params: dict[str, Any]  # the hyperparameters that are not size (depth, dropout, lr, family)
+    metrics: dict[str, float]
+    number: int = -1  # the Optuna trial's
+    logs: frozenset[str] = frozenset()  # params sampled on a log scale: they enter as log10
+
+
+@dataclass
+class Effect:
+    metric: str
+    verdict: str  # "bigger" | "smaller" | "null" | "unclear" | "too few"
+    n: int
+    smallest: int
+    largest: int
+    estimate: float = math.nan  # points from the smallest to the largest network
+    low: float = math.nan
+    high: float = math.nan
+    covariates: tuple[str, ...] = ()  # the fit's columns besides size
+    held: tuple[str, ...] = ()  # the hyperparameters they come from
+    needed: int | None = None  # unclear: about this many trials would bound it within margin
+    margin: float = MARGIN
+    depth: tuple[float, float, float] | None = None  # points per extra layer at equal size
+    top: tuple[float, float, float] | None = None  # points over the largest tenfold, 95%
+    adjusted: list[float] | None = None  # each trial's metric with the covariates held at mean
+    sizes: list[int] | None = None  # n_params of the same trials
+    numbers: list[int] | None = None  # and their trial numbers
+    # The fitted size curve: b0 + b1 * log10(n) + b2 * (log10(n) - center)^2 (see fitted()).
+    curve: tuple[float, float, float, float] = (math.nan, math.nan, 0.0, 0.0)
+
+    @property
+    def bound(self) -> float:
+        return max(abs(self.low), abs(self.high))
+
+
+def columns(trials: list[Trial]) -> tuple[list[str], list[str], np.ndarray]:
+    """The covariate columns (not the intercept, not size): their names, the hyperparameter each
+    comes from, and an (n, k) matrix."""
+    names: list[str] = []
+    sources: list[str] = []
+    cols: list[np.ndarray] = []
+    keys = sorted({k for t in trials for k in t.params}, key=lambda k: (k != "depth", k))
+    for key in keys:
+        values = [t.params.get(key) for t in trials]
+        if len({repr(v) for v in values}) < 2:
+            continue
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            x = np.array(values, dtype=np.float64)
+            label = key
+            if x.min() > 0 and any(key in t.logs for t in trials):
+                x, label = np.log10(x), f"log10({key})"
+            names.append(label)
+            sources.append(key)
+            cols.append(x)
+            if len(set(values)) >= 3 and key != "depth":  # depth: one slope, "per extra layer"
+                names.append(f"{label}^2")
+                sources.append(key)
+                cols.append((x - x.mean()) ** 2)
+        else:
+            levels = sorted({repr(v) for v in values})
+            for level in levels[1:]:
+                names.append(f"{key}={level.strip(chr(39))}")
+                sources.append(key)
+                cols.append(np.array([repr(v) == level for v in values], dtype=np.float64))
+    matrix = np.stack(cols, axis=1) if cols else np.zeros((len(trials), 0))
+    return names, sources, matrix
+
+
+def _fit(y: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+    """OLS coefficients, or None when the design is rank-deficient (a degenerate resample)."""
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        return None
+    return np.linalg.lstsq(x, y, rcond=None)[0]
+
+
+def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
+             resamples: int = RESAMPLES, seed: int = 0) -> Effect:
+    n = len(trials)
+    sizes = np.array([t.n_params for t in trials], dtype=np.float64)
+    effect = Effect(metric, "too few", n, int(sizes.min()) if n else 0,
+                    int(sizes.max()) if n else 0, margin=margin)
+    if n < 3 or sizes.min() == sizes.max():
+        return effect
+    names, sources, cov = columns(trials)
+    logn = np.log10(sizes)
+    center = float(logn.mean())
+    # Returns diminish with size: a curved size term when the trials afford it.
+    curved = len(set(logn.tolist())) >= 4 and n - (3 + len(names)) >= CURVE_DF
+    # Too few trials for every squared term: keep the linear ones.
+    if n - (2 + curved + len(names)) < MIN_RESIDUAL_DF:
+        keep = [i for i, c in enumerate(names) if not c.endswith("^2")]
+        names, sources, cov = [names[i] for i in keep], [sources[i] for i in keep], cov[:, keep]
+    if n - (2 + curved + len(names)) < MIN_RESIDUAL_DF:
+        return effect
+    size_cols = [logn, (logn - center) ** 2] if curved else [logn]
+    x = np.column_stack([np.ones(n), *size_cols, cov])
+    k = len(size_cols)  # size coefficients are beta[1:1+k]; covariates follow
+    y = np.array([t.metrics[metric] for t in trials], dtype=np.float64)
+    beta = _fit(y, x)
+    if beta is None:  # a covariate is a function of size (e.g. depth fixed per size)
+        return effect
+
+    def f(b: np.ndarray, at: float) -> np.ndarray:  # the size part of the fit at log10(n) = at
+        return b[..., 1] * at + (b[..., 2] * (at - center) ** 2 if curved else 0.0)
+
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(resamples):
+        i = rng.integers(0, n, n)
+        b = _fit(y[i], x[i])
+        if b is not None:
+            boots.append(b)
+    draws = np.array(boots)
+    lo_n, hi_n = float(logn.min()), float(logn.max())
+    whole = f(draws, hi_n) - f(draws, lo_n)
+    effect.estimate = float(f(beta, hi_n) - f(beta, lo_n))
+    effect.low, effect.high = (float(v) for v in np.percentile(whole, [2.5, 97.5]))
+    if hi_n - lo_n > 1.2:  # the largest tenfold: are returns diminishing?
+        top = f(draws, hi_n) - f(draws, hi_n - 1)
+        t_low, t_high = np.percentile(top, [2.5, 97.5])
+        effect.top = (float(f(beta, hi_n) - f(beta, hi_n - 1)), float(t_low), float(t_high))
+    effect.covariates, effect.held = tuple(names), tuple(dict.fromkeys(sources))
+    if "depth" in names:
+        j = 1 + k + names.index("depth")
+        d_low, d_high = np.percentile(draws[:, j], [2.5, 97.5])
+        effect.depth = (float(beta[j]), float(d_low), float(d_high))
+    # Partial residuals: each trial's value with the covariates moved to their means.
+    shift = cov.mean(axis=0) @ beta[1 + k:]
+    effect.adjusted = (y - cov @ beta[1 + k:] + shift).tolist()
+    effect.sizes = [int(v) for v in sizes]
+    effect.numbers = [t.number for t in trials]
+    effect.curve = (float(beta[0] + shift), float(beta[1]), float(beta[2]) if curved else 0.0,
+                    center)
+    low, high = effect.low, effect.high
+    if low > 0:
+        effect.verdict = "bigger"
+    elif high < 0:
+        effect.verdict = "smaller"
+    elif effect.bound <= margin:
+        effect.verdict = "null"
+    else:
+        # How many trials would give a +-margin interval: from the fit's standard error of the
+        # effect (the bootstrap's width is inflated when trials are few), which shrinks as
+        # 1/sqrt(n).
+        c = np.zeros(x.shape[1])
+        c[1] = hi_n - lo_n
+        if curved:
+            c[2] = (hi_n - center) ** 2 - (lo_n - center) ** 2
+        sigma2 = float(np.sum((y - x @ beta) ** 2)) / (n - x.shape[1])
+        se = math.sqrt(sigma2 * float(c @ np.linalg.solve(x.T @ x, c)))
+        effect.verdict = "unclear"
+        effect.needed = max(n + 1, math.ceil(n * (1.96 * se / margin) ** 2))
+    return effect
+
+
+def fitted(effect: Effect, n_params: np.ndarray) -> np.ndarray:
+    """The fitted size curve (other hyperparameters at their means) at these sizes."""
+    b0, b1, b2, center = effect.curve
+    at = np.log10(n_params)
+    return b0 + b1 * at + b2 * (at - center) ** 2
+
+
+def params_text(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def held(effect: Effect) -> str:
+    """What was held fixed, in words."""
+    names = list(effect.held)
+    return ("with " + ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+            + " held fixed") if names else "nothing else varied"
+
+
+def sentence(val: Effect, gap: Effect | None, budget: str) -> str:
+    """The verdict in one sentence a non-statistician can read, then the numbers."""
+    span = f"from {params_text(val.smallest)} to {params_text(val.largest)} parameters"
+    where = f"{val.n} trials{budget}"
+    if val.verdict == "too few":
+        return (f"**Not enough comparable trials to separate size from the other settings** "
+                f"({val.n} trials{budget}; a fit with its covariates needs at least "
+                f"{MIN_RESIDUAL_DF} more trials than coefficients, about 16 for depth, dropout "
+                "and lr): run more trials (search.n_trials) with pruning off.")
+    ci = f"95% interval {val.low:+.2f} to {val.high:+.2f}"
+    text = {
+        "bigger": f"**Yes, bigger networks generalized better**: {span}, {held(val)}, "
+                  f"validation accuracy rose by {val.estimate:.2f} points ({ci}; {where}).",
+        "smaller": f"**No, bigger networks generalized worse**: {span}, {held(val)}, "
+                   f"validation accuracy fell by {-val.estimate:.2f} points ({ci}; {where}).",
+        "null": f"**Size made no difference that matters**: {span}, {held(val)}, validation "
+                f"accuracy changed by less than {val.bound:.2f} points (estimate "
+                f"{val.estimate:+.2f}, {ci}; {where}).",
+        "unclear": f"**Unclear**: {span}, {held(val)}, validation accuracy changed by "
+                   f"{val.estimate:+.2f} points, but the 95% interval ({val.low:+.2f} to "
+                   f"{val.high:+.2f}; {where}) is too wide to tell; about {val.needed} trials "
+                   f"would narrow it to +-{val.margin:.2f} points.",
+    }[val.verdict]
+    if val.top is not None:
+        t, lo, hi = val.top
+        text += (f" The largest tenfold ({params_text(val.largest / 10)} to "
+                 f"{params_text(val.largest)}) accounts for {t:+.2f} points (95% interval "
+                 f"{lo:+.2f} to {hi:+.2f})"
+                 + (": returns diminish with size." if val.verdict == "bigger"
+                    and hi < val.estimate / max(math.log10(val.largest / val.smallest), 1)
+                    else "."))
+    if gap is not None and gap.verdict != "too few":
+        g = (f"{gap.estimate:+.2f} points, 95% interval {gap.low:+.2f} to {gap.high:+.2f}")
+        text += " " + {
+            "bigger": f"The train-validation gap grew with size ({g}).",
+            "smaller": f"The train-validation gap shrank with size ({g}).",
+            "null": f"The train-validation gap changed by less than {gap.bound:.2f} points "
+                    f"({g}).",
+            "unclear": f"Whether the gap moves with size is unclear ({g}).",
+        }[gap.verdict]
+    if val.depth is not None:
+        d, lo, hi = val.depth
+        text += (f" At equal size, each extra hidden layer changed validation accuracy by "
+                 f"{d:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f}): "
+                 + ("deeper beat wider." if lo > 0 else "wider beat deeper." if hi < 0
+                    else "depth vs width made no clear difference."))
+    return text
+
+
+def of_rows(rows: list[Any], mean: Callable[[Any, str], float], metrics: tuple[str, ...]
+            ) -> tuple[list[Trial], str]:
+    """Trials from the report's rows: only those trained to the most common epoch count (a
+    pruned or otherwise shorter trial is not comparable). Returns them and a budget note."""
+    if not rows:
+        return [], ""
+    epochs = [r.epochs for r in rows]
+    common = max(set(epochs), key=lambda e: (epochs.count(e), e))
+    kept = [r for r in rows if r.epochs == common]
+    trials = [Trial(r.n_params, {"depth": r.depth, "dropout": r.dropout, "lr": r.lr,
+                                 "family": r.family, **r.extra},
+                    {m: 100 * mean(r, m) for m in metrics}, r.number, r.logs) for r in kept]
+    left = len(rows) - len(kept)
+    note = f" at {common} epochs each" + (f"; {left} trials with another epoch count left "
+                                           "out" if left else "")
+    return trials, note

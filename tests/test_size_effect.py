@@ -1,0 +1,139 @@
+"""The size verdict on synthetic studies whose true effect is planted: it finds a planted effect
+with the right sign, bounds a null, is not fooled by size confounded with dropout, says when a
+study is too small, and prints at the end of a run."""
+
+import numpy as np
+import optuna
+import pytest
+
+from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
+from sweeper import keys, report, size_effect, stats
+from sweeper.size_effect import Trial
+from sweeper.study import summary
+
+
+def study(per_decade: float, n: int = 24, noise: float = 0.1, per_layer: float = 0.0,
+          dropout_of_size: bool = False, seed: int = 0) -> list[Trial]:
+    """n trials like depth_vs_width's: size log-uniform over 20k-2M, depth 1-4, dropout 0-0.5,
+    lr 3e-4-3e-3 (log); val_acc in points = a planted size slope per decade + depth + a dropout
+    penalty + a learning-rate optimum + noise."""
+    rng = np.random.default_rng(seed)
+    logn = rng.uniform(np.log10(2e4), np.log10(2e6), n)
+    depth = rng.integers(1, 5, n)
+    dropout = (0.25 * (logn - 4.3) + rng.uniform(-0.05, 0.05, n) if dropout_of_size
+               else rng.uniform(0, 0.5, n))
+    loglr = rng.uniform(np.log10(3e-4), np.log10(3e-3), n)
+    val = (97 + per_decade * (logn - 5) + per_layer * depth - 4 * dropout
+           - 2 * (loglr + 3) ** 2 + noise * rng.normal(size=n))
+    gap = 1.5 + 0.02 * rng.normal(size=n)
+    return [Trial(int(10 ** logn[i]), {"depth": int(depth[i]), "dropout": float(dropout[i]),
+                                       "lr": float(10 ** loglr[i])},
+                  {VAL_ACC: float(val[i]), GAP: float(gap[i])}, i, frozenset({"lr"}))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("per_decade, want", [(0.5, "bigger"), (-0.5, "smaller")])
+def test_a_planted_size_effect_is_found_with_its_sign(per_decade, want):
+    trials = study(per_decade)
+    e = size_effect.estimate(trials, VAL_ACC)
+    decades = np.log10(max(t.n_params for t in trials) / min(t.n_params for t in trials))
+    assert e.verdict == want and e.n == 24
+    assert e.low <= per_decade * decades <= e.high  # the interval covers the planted truth
+    assert e.held == ("depth", "dropout", "lr")
+    text = size_effect.sentence(e, size_effect.estimate(trials, GAP), " at 8 epochs each")
+    assert text.startswith("**Yes, bigger" if want == "bigger" else "**No, bigger")
+    assert "24 trials at 8 epochs each" in text and "depth, dropout and lr held fixed" in text
+    assert "gap changed by less than" in text  # the planted gap does not depend on size
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_effect_gives_a_bounded_null(seed):
+    e = size_effect.estimate(study(0.0, noise=0.05, seed=seed), VAL_ACC)
+    assert e.verdict == "null" and e.low < 0 < e.high and e.bound <= size_effect.MARGIN
+    text = size_effect.sentence(e, None, "")
+    assert text.startswith("**Size made no difference that matters**")
+    assert f"less than {e.bound:.2f} points" in text
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_size_confounded_with_dropout_is_not_taken_for_a_size_effect(seed):
+    trials = study(0.0, dropout_of_size=True, noise=0.05, seed=seed)
+    sizes = np.array([t.n_params for t in trials])
+    val = np.array([t.metrics[VAL_ACC] for t in trials])
+    # Bigger networks here got more dropout, which costs accuracy: a rank correlation (the
+    # report's former verdict) says "bigger is worse".
+    assert stats.correlation(sizes, val).sign == -1
+    # The regression does not: with size and dropout this entangled it cannot bound the effect
+    # within 0.25 points either, and says so.
+    e = size_effect.estimate(trials, VAL_ACC)
+    assert e.verdict in ("null", "unclear") and e.low < 0 < e.high
+
+
+def test_depth_at_equal_size_is_measured():
+    e = size_effect.estimate(study(0.0, per_layer=0.3), VAL_ACC)
+    assert e.depth is not None and e.depth[1] <= 0.3 <= e.depth[2] and e.depth[1] > 0
+    assert "deeper beat wider" in size_effect.sentence(e, None, "")
+
+
+def test_a_noisy_study_is_unclear_and_says_what_budget_would_tell():
+    e = size_effect.estimate(study(0.0, n=20, noise=1.0), VAL_ACC)
+    assert e.verdict == "unclear" and e.needed is not None and 20 < e.needed < 2000
+    assert f"about {e.needed} trials would narrow it" in size_effect.sentence(e, None, "")
+    # The same study with that many trials does bound it (within the margin, or nearly).
+    more = size_effect.estimate(study(0.0, n=e.needed, noise=1.0), VAL_ACC)
+    assert more.bound < 2 * size_effect.MARGIN < e.bound
+
+
+def test_too_few_trials_for_the_covariates():
+    e = size_effect.estimate(study(0.5, n=12), VAL_ACC)
+    assert e.verdict == "too few"
+    assert size_effect.sentence(e, None, "").startswith("**Not enough comparable trials")
+    # With nothing else varying, 10 trials are enough (size is the only column).
+    same = [Trial(t.n_params, {}, t.metrics) for t in study(0.5, n=10, noise=0.01)]
+    assert size_effect.estimate(same, VAL_ACC).verdict == "bigger"
+
+
+def test_only_trials_at_the_common_budget_enter_the_fit():
+    rows = [report.Row(i, "COMPLETE", 1, 64, 0.1 * (i % 3), 1e-3, 20_000 * (i + 1),
+                       8 if i < 10 else 3, 0.99, 0.97 + 0.001 * i, 0.02) for i in range(12)]
+    trials, note = size_effect.of_rows(rows, lambda r, m: getattr(r, m), (VAL_ACC, GAP))
+    assert len(trials) == 10 and note == " at 8 epochs each; 2 trials with another epoch count " \
+        "left out"
+    assert trials[3].metrics[VAL_ACC] == pytest.approx(97.3)
+
+
+def test_the_run_prints_the_verdict_of_a_finished_study():
+    s = optuna.create_study(direction="maximize")
+    dist = {"depth": optuna.distributions.IntDistribution(1, 4),
+            "dropout": optuna.distributions.FloatDistribution(0, 0.5),
+            "lr": optuna.distributions.FloatDistribution(3e-4, 3e-3, log=True)}
+    for t in study(0.5):
+        val, gap = t.metrics[VAL_ACC] / 100, t.metrics[GAP] / 100
+        s.add_trial(optuna.trial.create_trial(
+            params=t.params, distributions=dist, value=val,
+            user_attrs={VAL_ACC: val, TRAIN_ACC: val + gap, GAP: gap,
+                        keys.N_PARAMS: t.n_params, "epochs_run": 8}))
+    text = report.console_verdict(s)
+    assert text is not None and text.startswith("Yes, bigger networks generalized better")
+    assert "24 trials at 8 epochs each" in text
+    # The parent run's summary carries it for the MLflow runs table.
+    metrics, tags = summary(s)
+    assert tags[keys.SIZE_VERDICT_TAG] == "bigger"
+    assert metrics[f"{keys.SIZE_EFFECT_VAL}_low"] > 0 and keys.SIZE_EFFECT_GAP in metrics
+    assert report.console_verdict(optuna.create_study()) is None  # nothing to say yet
+
+
+def test_the_report_draws_the_partial_effect(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [report.Row(i, "COMPLETE", 1 + i % 3, 64, 0.05 * (i % 4), 1e-3, 20_000 * 2 ** i, 8,
+                       0.99, 0.95 + 0.003 * i, 0.04 - 0.003 * i) for i in range(12)]
+    rep = report.analyse("s", rows, {}, 0)
+    assert rep.effect_val is not None and rep.effect_val.adjusted is not None
+    caption = report.partial_effect(plt, tmp_path / "size_effect.png", rep)
+    assert (tmp_path / "size_effect.png").stat().st_size > 10_000 and "partial effect" in caption
+    table = "\n".join(report.effects_table(rep))
+    assert "| val_acc |" in table and "| gap |" in table and "per extra layer" in table
