@@ -102,7 +102,7 @@ def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
 
 
 def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
-            excluded_pruned: int) -> Report:
+            excluded_pruned: int, margin: float = size_effect.MARGIN) -> Report:
     size = np.array([r.n_params for r in rows], dtype=np.float64)
     gap = np.array([r.mean_std(GAP)[0] for r in rows])
     val = np.array([r.mean_std(VAL_ACC)[0] for r in rows])
@@ -114,8 +114,8 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
             bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
                           stats.correlation(size[i], val[i])))
     trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
-    effect_val = size_effect.estimate(trials, VAL_ACC)
-    effect_gap = size_effect.estimate(trials, GAP)
+    effect_val = size_effect.estimate(trials, VAL_ACC, margin)
+    effect_gap = size_effect.estimate(trials, GAP, margin)
     text = size_effect.sentence(effect_val, effect_gap, budget)
     if len(rows) >= 3:
         text += " " + ranks(size_gap, size_val)
@@ -205,9 +205,10 @@ def study_effects(study: Any) -> tuple[size_effect.Effect, size_effect.Effect, s
     return val, size_effect.estimate(trials, GAP), budget
 
 
-def console_verdict(study: Any) -> str | None:
-    """The end of a run: the size verdict in plain words, when the study can give one."""
-    found = study_effects(study)
+def console_verdict(study: Any, found: Any = ...) -> str | None:
+    """The end of a run: the size verdict in plain words, when the study can give one.
+    `found`: study_effects(study), when already computed."""
+    found = study_effects(study) if found is ... else found
     return None if found is None else size_effect.sentence(*found).replace("**", "")
 
 
@@ -437,6 +438,23 @@ def effects_table(rep: Report) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def assumptions(rep: Report) -> list[str]:
+    e = rep.effect_val
+    if e is None or e.verdict == "too few":
+        return []
+    lines = ["How to read it: a least-squares fit of each metric on log10(n_params)"
+             + (" and its square" if e.curve[2] else "")
+             + (f" with {', '.join(e.covariates)} as covariates" if e.covariates else "")
+             + "; the effect is the fitted change from the smallest to the largest network, its "
+             "interval a bootstrap over trials (2,000 resamples). The fit assumes size acts the "
+             "same way whatever the other settings (no interactions)"
+             + (", in every model family" if "family" in e.held else "") + "."]
+    if e.degenerate:
+        lines[0] += (f" {e.degenerate} of the resamples could not be fitted (a rare setting "
+                     "missing from them) and were left out.")
+    return [*lines, ""]
+
+
 def front_plot(plt: Any, path: Path, points: list[tuple[float, float]],
                front: list[tuple[float, float, int]], xlabel: str, ylabel: str, title: str,
                log: tuple[bool, bool]) -> None:
@@ -499,7 +517,9 @@ def markdown(rep: Report, made: dict[str, str]) -> str:
              "used below and their standard deviation drawn as error bars"
              if any(len(r.seeds) > 1 for r in rep.rows) else
              "- seed repeats: none (one seed per configuration; confirm.seeds=N adds them)",
+             *([f"- size range: {s['sizes']}"] if "sizes" in s else []),
              "", "## Verdict", "", rep.verdict, "", *effects_table(rep), "",
+             *assumptions(rep),
              "Not adjusted (rank correlations, for comparison):", "",
              "| trials | rho(n_params, gap) | rho(n_params, val_acc) |", "| --- | --- | --- |",
              f"| all | {rep.size_gap} | {rep.size_val} |"]
@@ -513,7 +533,8 @@ def markdown(rep: Report, made: dict[str, str]) -> str:
 
 
 def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
-          include_pruned: bool = False, sizes: tuple[int, int] | None = None) -> Report:
+          include_pruned: bool = False, sizes: tuple[int, int] | None = None,
+          margin: float = size_effect.MARGIN) -> Report:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -524,8 +545,6 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
     except Exception as e:
         raise UserError(f"--storage {storage}: {type(e).__name__}: {e}") from None
     rows, excluded = rows_of(study, include_pruned)
-    if sizes is not None:  # a sub-range of sizes: e.g. where returns diminish
-        rows = [r for r in rows if sizes[0] <= r.n_params <= sizes[1]]
     identity = study.user_attrs.get(keys.IDENTITY, {})
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     setup = {"data": identity.get("data.content", identity.get("data", "?")),
@@ -533,6 +552,10 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
                  "trainer.max_epochs", study.user_attrs.get(keys.LEGACY_CONFIG, {}).get(
                      "trainer", {}).get("max_epochs")),
              "sampler": "?", "pruner": "?"}
+    if sizes is not None:  # a sub-range of sizes: e.g. where returns diminish
+        rows = [r for r in rows if sizes[0] <= r.n_params <= sizes[1]]
+        setup["sizes"] = (f"only trials of {sizes[0]:,} to {sizes[1]:,} parameters "
+                          "(--min-params/--max-params)")
     parent = None
     if tracking_uri:
         parent = parent_run(tracking_uri, study_name)
@@ -541,7 +564,7 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
                       for k in ("train_size", "val_size", "sampler", "pruner")}
             setup["data"] = parent.data.tags.get(keys.DATA_TAG, setup["data"])
         fetch_curves(rows, tracking_uri)
-    rep = analyse(study_name, rows, setup, excluded)
+    rep = analyse(study_name, rows, setup, excluded, margin)
     out.mkdir(parents=True, exist_ok=True)
     made = figures(rep, study, out) if rows else {}
     (out / "report.md").write_text(markdown(rep, made))
@@ -574,12 +597,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include-pruned", action="store_true")
     ap.add_argument("--min-params", type=int, default=0, help="only trials this big or bigger")
     ap.add_argument("--max-params", type=int, help="only trials this big or smaller")
+    ap.add_argument("--margin", type=float, default=size_effect.MARGIN,
+                    help="points: a size effect within +-this does not matter (default "
+                         "%(default)s)")
     args = ap.parse_args(argv)
     out = args.out or Path("mlruns/reports") / args.study
     try:
         rep = build(args.study, args.storage, None if args.no_mlflow else args.tracking_uri, out,
                     args.include_pruned, (args.min_params, args.max_params or 2**63)
-                    if args.min_params or args.max_params else None)
+                    if args.min_params or args.max_params else None, args.margin)
     except UserError as e:
         print(f"sweeper.report: error: {e}", file=sys.stderr)
         return 2

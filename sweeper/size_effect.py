@@ -55,10 +55,15 @@ class Effect:
     high: float = math.nan
     covariates: tuple[str, ...] = ()  # the fit's columns besides size
     held: tuple[str, ...] = ()  # the hyperparameters they come from
-    needed: int | None = None  # unclear: about this many trials would bound it within margin
+    # unclear: about this many trials would bound it within margin; too few: would give one
+    needed: int | None = None
     margin: float = MARGIN
     depth: tuple[float, float, float] | None = None  # points per extra layer at equal size
     top: tuple[float, float, float] | None = None  # points over the largest tenfold, 95%
+    diminishing: bool = False  # the largest tenfold gained less than the average tenfold
+    anywhere: float = math.nan  # 95% bound on the change from the smallest, anywhere in range
+    degenerate: int = 0  # bootstrap resamples left out (their fit was rank-deficient)
+    reason: str = ""  # why there is no verdict, when it is not the number of trials
     adjusted: list[float] | None = None  # each trial's metric with the covariates held at mean
     sizes: list[int] | None = None  # n_params of the same trials
     numbers: list[int] | None = None  # and their trial numbers
@@ -67,7 +72,9 @@ class Effect:
 
     @property
     def bound(self) -> float:
-        return max(abs(self.low), abs(self.high))
+        """The null's bound: the largest change anywhere in the range (95%)."""
+        return max(abs(self.low), abs(self.high), self.anywhere if self.anywhere == self.anywhere
+                   else 0.0)
 
 
 def columns(trials: list[Trial]) -> tuple[list[str], list[str], np.ndarray]:
@@ -76,12 +83,19 @@ def columns(trials: list[Trial]) -> tuple[list[str], list[str], np.ndarray]:
     names: list[str] = []
     sources: list[str] = []
     cols: list[np.ndarray] = []
-    keys = sorted({k for t in trials for k in t.params}, key=lambda k: (k != "depth", k))
+    def numeric(key: str) -> bool:
+        return all(isinstance(t.params.get(key), int | float)
+                   and not isinstance(t.params.get(key), bool) for t in trials)
+
+    # Categories first (model family), then depth: where each family has its own depth, depth
+    # is the column dropped as redundant (see _independent), not a family.
+    keys = sorted({k for t in trials for k in t.params},
+                  key=lambda k: (numeric(k), k != "depth", k))
     for key in keys:
         values = [t.params.get(key) for t in trials]
         if len({repr(v) for v in values}) < 2:
             continue
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        if numeric(key):
             x = np.array(values, dtype=np.float64)
             label = key
             if x.min() > 0 and any(key in t.logs for t in trials):
@@ -110,36 +124,53 @@ def _fit(y: np.ndarray, x: np.ndarray) -> np.ndarray | None:
     return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
+def _independent(x: np.ndarray, names: list[str], sources: list[str], fixed: int
+                 ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Drop covariate columns that the columns before them already determine (e.g. depth when
+    each model family has its own depth): the first `fixed` columns (intercept, size) stay."""
+    keep = list(range(fixed))
+    for j in range(fixed, x.shape[1]):
+        if np.linalg.matrix_rank(x[:, [*keep, j]]) == len(keep) + 1:
+            keep.append(j)
+    cov = [j - fixed for j in keep[fixed:]]
+    return x[:, keep], [names[j] for j in cov], [sources[j] for j in cov]
+
+
 def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
              resamples: int = RESAMPLES, seed: int = 0) -> Effect:
     n = len(trials)
     sizes = np.array([t.n_params for t in trials], dtype=np.float64)
     effect = Effect(metric, "too few", n, int(sizes.min()) if n else 0,
                     int(sizes.max()) if n else 0, margin=margin)
-    if n < 3 or sizes.min() == sizes.max():
+    if n and sizes.min() == sizes.max():
+        effect.reason = "size is the same in every trial"
+        return effect
+    if n < 3:
         return effect
     names, sources, cov = columns(trials)
     logn = np.log10(sizes)
     center = float(logn.mean())
+    others = np.column_stack([np.ones(n), cov])
+    if np.linalg.matrix_rank(np.column_stack([others, logn])) == np.linalg.matrix_rank(others):
+        effect.reason = ("size is fixed by the other settings that vary ("
+                         + ", ".join(dict.fromkeys(sources)) + "): they cannot be told apart")
+        return effect
     # Returns diminish with size: a curved size term when the trials afford it.
     curved = len(set(logn.tolist())) >= 4 and n - (3 + len(names)) >= CURVE_DF
     # Too few trials for every squared term: keep the linear ones.
     if n - (2 + curved + len(names)) < MIN_RESIDUAL_DF:
         keep = [i for i, c in enumerate(names) if not c.endswith("^2")]
         names, sources, cov = [names[i] for i in keep], [sources[i] for i in keep], cov[:, keep]
-    if n - (2 + curved + len(names)) < MIN_RESIDUAL_DF:
-        return effect
     size_cols = [logn, (logn - center) ** 2] if curved else [logn]
-    x = np.column_stack([np.ones(n), *size_cols, cov])
     k = len(size_cols)  # size coefficients are beta[1:1+k]; covariates follow
+    x, names, sources = _independent(np.column_stack([np.ones(n), *size_cols, cov]), names,
+                                     sources, 1 + k)
+    cov = x[:, 1 + k:]
+    if n - x.shape[1] < MIN_RESIDUAL_DF:
+        effect.needed = x.shape[1] + MIN_RESIDUAL_DF  # the fewest trials that give a verdict
+        return effect
     y = np.array([t.metrics[metric] for t in trials], dtype=np.float64)
     beta = _fit(y, x)
-    if beta is None:  # a covariate is a function of size (e.g. depth fixed per size)
-        return effect
-
-    def f(b: np.ndarray, at: float) -> np.ndarray:  # the size part of the fit at log10(n) = at
-        return b[..., 1] * at + (b[..., 2] * (at - center) ** 2 if curved else 0.0)
-
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(resamples):
@@ -147,15 +178,33 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
         b = _fit(y[i], x[i])
         if b is not None:
             boots.append(b)
+    if beta is None or len(boots) < resamples // 2:
+        effect.reason = "the trials do not pin the fit down (too many degenerate resamples)"
+        return effect
+    effect.degenerate = resamples - len(boots)  # left out of the percentiles
     draws = np.array(boots)
+
+    def f(b: np.ndarray, at: np.ndarray | float) -> np.ndarray:  # the size part at log10(n)
+        b1, b2 = b[..., 1], b[..., 2] if curved else np.zeros_like(b[..., 1])
+        if np.ndim(at):  # one row per coefficient draw, one column per point
+            b1, b2 = b1[..., None], b2[..., None]
+        return b1 * at + b2 * (np.asarray(at) - center) ** 2
+
     lo_n, hi_n = float(logn.min()), float(logn.max())
     whole = f(draws, hi_n) - f(draws, lo_n)
     effect.estimate = float(f(beta, hi_n) - f(beta, lo_n))
     effect.low, effect.high = (float(v) for v in np.percentile(whole, [2.5, 97.5]))
-    if hi_n - lo_n > 1.2:  # the largest tenfold: are returns diminishing?
+    # A bound on the change anywhere in the range, not only between its ends (a curve can
+    # rise and fall back): the widest 95% band of f(s) - f(smallest) over the range.
+    grid = np.linspace(lo_n, hi_n, 41)
+    band = np.percentile(f(draws, grid) - f(draws, lo_n)[:, None], [2.5, 97.5], axis=0)
+    effect.anywhere = float(np.abs(band).max())
+    decades = hi_n - lo_n
+    if curved and decades > 1.2:  # the largest tenfold against the average tenfold
         top = f(draws, hi_n) - f(draws, hi_n - 1)
         t_low, t_high = np.percentile(top, [2.5, 97.5])
         effect.top = (float(f(beta, hi_n) - f(beta, hi_n - 1)), float(t_low), float(t_high))
+        effect.diminishing = bool(np.percentile(top - whole / decades, 97.5) < 0)
     effect.covariates, effect.held = tuple(names), tuple(dict.fromkeys(sources))
     if "depth" in names:
         j = 1 + k + names.index("depth")
@@ -173,20 +222,21 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
         effect.verdict = "bigger"
     elif high < 0:
         effect.verdict = "smaller"
-    elif effect.bound <= margin:
+    elif effect.anywhere <= margin:
         effect.verdict = "null"
     else:
-        # How many trials would give a +-margin interval: from the fit's standard error of the
-        # effect (the bootstrap's width is inflated when trials are few), which shrinks as
-        # 1/sqrt(n).
+        # How many trials would bound it within +-margin, if the true effect is about 0: the
+        # fit's standard error of the effect (the bootstrap is inflated when trials are few)
+        # shrinks as 1/sqrt(n); 1.96 + 1.28 standard errors inside the margin gives a 95%
+        # interval within it 9 times in 10.
         c = np.zeros(x.shape[1])
-        c[1] = hi_n - lo_n
+        c[1] = decades
         if curved:
             c[2] = (hi_n - center) ** 2 - (lo_n - center) ** 2
         sigma2 = float(np.sum((y - x @ beta) ** 2)) / (n - x.shape[1])
         se = math.sqrt(sigma2 * float(c @ np.linalg.solve(x.T @ x, c)))
         effect.verdict = "unclear"
-        effect.needed = max(n + 1, math.ceil(n * (1.96 * se / margin) ** 2))
+        effect.needed = max(n + 1, math.ceil(n * ((1.96 + 1.28) * se / margin) ** 2))
     return effect
 
 
@@ -202,10 +252,10 @@ def params_text(n: float) -> str:
 
 
 def held(effect: Effect) -> str:
-    """What was held fixed, in words."""
+    """What the fit accounted for, in words."""
     names = list(effect.held)
-    return ("with " + ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
-            + " held fixed") if names else "nothing else varied"
+    return ("accounting for " + ", ".join(names[:-1]) + (" and " if len(names) > 1 else "")
+            + names[-1]) if names else "nothing else varied"
 
 
 def sentence(val: Effect, gap: Effect | None, budget: str) -> str:
@@ -213,19 +263,25 @@ def sentence(val: Effect, gap: Effect | None, budget: str) -> str:
     span = f"from {params_text(val.smallest)} to {params_text(val.largest)} parameters"
     where = f"{val.n} trials{budget}"
     if val.verdict == "too few":
+        if val.reason:
+            return (f"**No size verdict**: {val.reason} ({where}); this study cannot say whether "
+                    "bigger networks generalize better.")
+        fewest = f"about {val.needed}" if val.needed else "more"
         return (f"**Not enough comparable trials to separate size from the other settings** "
-                f"({val.n} trials{budget}; a fit with its covariates needs at least "
-                f"{MIN_RESIDUAL_DF} more trials than coefficients, about 16 for depth, dropout "
-                "and lr): run more trials (search.n_trials) with pruning off.")
+                f"({where}; the fit needs {fewest} trials, {MIN_RESIDUAL_DF} more than its "
+                "coefficients): run more trials (search.n_trials) with pruning off.")
     ci = f"95% interval {val.low:+.2f} to {val.high:+.2f}"
+    slight = val.verdict in ("bigger", "smaller") and val.bound <= val.margin
     text = {
-        "bigger": f"**Yes, bigger networks generalized better**: {span}, {held(val)}, "
-                  f"validation accuracy rose by {val.estimate:.2f} points ({ci}; {where}).",
-        "smaller": f"**No, bigger networks generalized worse**: {span}, {held(val)}, "
-                   f"validation accuracy fell by {-val.estimate:.2f} points ({ci}; {where}).",
+        "bigger": f"**Yes, {'but only slightly: ' if slight else ''}bigger networks generalized "
+                  f"better**: {span}, {held(val)}, validation accuracy rose by "
+                  f"{val.estimate:.2f} points ({ci}; {where}).",
+        "smaller": f"**No, {'only slightly, but ' if slight else ''}bigger networks generalized "
+                   f"worse**: {span}, {held(val)}, validation accuracy fell by "
+                   f"{-val.estimate:.2f} points ({ci}; {where}).",
         "null": f"**Size made no difference that matters**: {span}, {held(val)}, validation "
-                f"accuracy changed by less than {val.bound:.2f} points (estimate "
-                f"{val.estimate:+.2f}, {ci}; {where}).",
+                f"accuracy changed by less than {val.bound:.2f} points anywhere in that range "
+                f"(smallest to largest {val.estimate:+.2f}, {ci}; {where}).",
         "unclear": f"**Unclear**: {span}, {held(val)}, validation accuracy changed by "
                    f"{val.estimate:+.2f} points, but the 95% interval ({val.low:+.2f} to "
                    f"{val.high:+.2f}; {where}) is too wide to tell; about {val.needed} trials "
@@ -233,12 +289,15 @@ def sentence(val: Effect, gap: Effect | None, budget: str) -> str:
     }[val.verdict]
     if val.top is not None:
         t, lo, hi = val.top
-        text += (f" The largest tenfold ({params_text(val.largest / 10)} to "
-                 f"{params_text(val.largest)}) accounts for {t:+.2f} points (95% interval "
-                 f"{lo:+.2f} to {hi:+.2f})"
-                 + (": returns diminish with size." if val.verdict == "bigger"
-                    and hi < val.estimate / max(math.log10(val.largest / val.smallest), 1)
-                    else "."))
+        tenfold = (f"The largest tenfold ({params_text(val.largest / 10)} to "
+                   f"{params_text(val.largest)}) accounts for {t:+.2f} points (95% interval "
+                   f"{lo:+.2f} to {hi:+.2f})")
+        if val.verdict == "bigger" and hi < 0:
+            text += f" {tenfold}: accuracy peaks inside the range and falls after it."
+        elif val.verdict == "bigger" and val.diminishing:
+            text += f" {tenfold}: returns diminish with size."
+        elif val.verdict in ("bigger", "smaller"):
+            text += f" {tenfold}."
     if gap is not None and gap.verdict != "too few":
         g = (f"{gap.estimate:+.2f} points, 95% interval {gap.low:+.2f} to {gap.high:+.2f}")
         text += " " + {
@@ -259,8 +318,10 @@ def sentence(val: Effect, gap: Effect | None, budget: str) -> str:
 
 def of_rows(rows: list[Any], mean: Callable[[Any, str], float], metrics: tuple[str, ...]
             ) -> tuple[list[Trial], str]:
-    """Trials from the report's rows: only those trained to the most common epoch count (a
+    """Trials from the report's rows: complete ones trained to the most common epoch count (a
     pruned or otherwise shorter trial is not comparable). Returns them and a budget note."""
+    complete = [r for r in rows if r.state == "COMPLETE"]  # pruned ones: selected by score
+    pruned, rows = len(rows) - len(complete), complete
     if not rows:
         return [], ""
     epochs = [r.epochs for r in rows]
@@ -270,6 +331,7 @@ def of_rows(rows: list[Any], mean: Callable[[Any, str], float], metrics: tuple[s
                                  "family": r.family, **r.extra},
                     {m: 100 * mean(r, m) for m in metrics}, r.number, r.logs) for r in kept]
     left = len(rows) - len(kept)
-    note = f" at {common} epochs each" + (f"; {left} trials with another epoch count left "
-                                           "out" if left else "")
+    note = (f" at {common} epochs each"
+            + (f"; {left} trials with another epoch count left out" if left else "")
+            + (f"; {pruned} pruned trials left out" if pruned else ""))
     return trials, note

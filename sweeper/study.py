@@ -317,11 +317,13 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             signal.signal(signal.SIGTERM, previous_sigterm)
         with contextlib.suppress(Exception) if failing else contextlib.nullcontext():
             table = console.best_table(study)
+            effects = None if failing else size_verdict(study)
             # With other workers still training, the last one to stop closes the parent run.
             others = n_running(study)
             tracker.close_parent(parent, None if others else status,
-                                 f"# {s.study_name}\n\n```\n{table}\n```\n", summary(study))
-    found = report.console_verdict(study)
+                                 f"# {s.study_name}\n\n```\n{table}\n```\n",
+                                 summary(study, effects))
+    found = report.console_verdict(study, effects)
     print(f"\nbest trials of {s.study_name!r} ({n_finished(study)} finished, "
           f"{time.perf_counter() - t0:.0f}s this run):\n{table}\n\n"
           + (f"does size buy generalization? {found}\n\n" if found else "")
@@ -329,8 +331,19 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     return study
 
 
-def summary(study: optuna.Study) -> tuple[dict[str, float], dict[str, str]]:
-    """How the study went, for its parent run: (metrics, tags)."""
+def size_verdict(study: optuna.Study) -> Any:
+    """report.study_effects, or None: a bug in the statistics must not fail a finished sweep."""
+    try:
+        return report.study_effects(study)
+    except Exception as e:
+        print(f"warning: no size verdict at the end of this run ({one_line(e)})",
+              file=sys.stderr)
+        return None
+
+
+def summary(study: optuna.Study, effects: Any = None) -> tuple[dict[str, float], dict[str, str]]:
+    """How the study went, for its parent run: (metrics, tags). `effects`: the size verdict
+    (report.study_effects), if there is one."""
     counts: dict[str, float] = {f"trials_{state.name.lower()}": len(study.get_trials(deepcopy=False,
                                                                     states=(state,)))
               for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -340,7 +353,6 @@ def summary(study: optuna.Study) -> tuple[dict[str, float], dict[str, str]]:
     best = ranked[0]
     tags = {keys.BEST_TRIAL_TAG: str(best.number)}
     tags |= {f"{keys.BEST_PARAM_TAG}.{k}": str(v) for k, v in best.params.items()}
-    effects = report.study_effects(study)
     if effects is not None:  # the size verdict, for the runs table
         val, gap, _ = effects
         tags[keys.SIZE_VERDICT_TAG] = val.verdict

@@ -114,6 +114,8 @@ def test_clear_errors(exported, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert export.main(["--study", "exp", "--epochs", "30", *args]) == 2
     assert "--epochs 30: needs --refit" in capsys.readouterr().err
+    assert export.main(["--study", "exp", "--refit", "--epochs", "0", *args]) == 2
+    assert "--epochs 0: needs --refit and a value >= 1" in capsys.readouterr().err
 
 
 def test_refit_retrains_a_dropped_trial(exported):
