@@ -1,5 +1,5 @@
 """Does size itself move validation accuracy and the gap, with the other hyperparameters held
-fixed? An ordinary least-squares fit over the trials trained to one common budget:
+fixed? A least-squares fit over the trials trained to one common budget:
 
     metric ~ 1 + s + s^2 + depth + dropout + dropout^2 + log10(lr) + log10(lr)^2 + ...,
     s = log10(n_params) (s^2 centred: returns diminish with size; dropped when trials are few)
@@ -31,6 +31,7 @@ MARGIN = 0.25  # points: a change of size's effect smaller than this does not ma
 RESAMPLES = 2000
 MIN_RESIDUAL_DF = 8  # trials beyond the fitted coefficients, or the interval means little
 CURVE_DF = 12  # the curved size term only with this many to spare
+LOG_ERROR = ("val_acc", "train_acc", "test_acc")  # fitted on the error's log scale
 
 
 @dataclass
@@ -67,8 +68,11 @@ class Effect:
     adjusted: list[float] | None = None  # each trial's metric with the covariates held at mean
     sizes: list[int] | None = None  # n_params of the same trials
     numbers: list[int] | None = None  # and their trial numbers
-    # The fitted size curve: b0 + b1 * log10(n) + b2 * (log10(n) - center)^2 (see fitted()).
+    # The fitted size curve: b0 + b1 * log10(n) + b2 * (log10(n) - center)^2 on the fitted
+    # scale (see fitted()), the other settings at their means.
     curve: tuple[float, float, float, float] = (math.nan, math.nan, 0.0, 0.0)
+    se: float = math.nan  # the effect's bootstrap standard error, points
+    ends: tuple[float, float] = (math.nan, math.nan)  # fitted metric at the smallest, largest
 
     @property
     def bound(self) -> float:
@@ -124,6 +128,18 @@ def _fit(y: np.ndarray, x: np.ndarray) -> np.ndarray | None:
     return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
+def to_scale(metric: str, points: np.ndarray) -> np.ndarray:
+    """Accuracies are fitted as -log10(error): near 100% effects multiply the error (dropout
+    that doubles a small net's 5% error doubles a big net's 2%), so the fit is additive there,
+    and a trial that barely trained (76% where the rest reach 92-98%) does not dominate it.
+    The gap, which can be 0 or negative, is fitted in points."""
+    return -np.log10(np.maximum(100.0 - points, 1e-3)) if metric in LOG_ERROR else points
+
+
+def to_points(metric: str, value: np.ndarray) -> np.ndarray:
+    return 100.0 - 10.0 ** (-value) if metric in LOG_ERROR else value
+
+
 def _independent(x: np.ndarray, names: list[str], sources: list[str], fixed: int
                  ) -> tuple[np.ndarray, list[str], list[str]]:
     """Drop covariate columns that the columns before them already determine (e.g. depth when
@@ -169,7 +185,7 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
     if n - x.shape[1] < MIN_RESIDUAL_DF:
         effect.needed = x.shape[1] + MIN_RESIDUAL_DF  # the fewest trials that give a verdict
         return effect
-    y = np.array([t.metrics[metric] for t in trials], dtype=np.float64)
+    y = to_scale(metric, np.array([t.metrics[metric] for t in trials], dtype=np.float64))
     beta = _fit(y, x)
     rng = np.random.default_rng(seed)
     boots = []
@@ -183,40 +199,48 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
         return effect
     effect.degenerate = resamples - len(boots)  # left out of the percentiles
     draws = np.array(boots)
+    means = cov.mean(axis=0)
 
-    def f(b: np.ndarray, at: np.ndarray | float) -> np.ndarray:  # the size part at log10(n)
+    def acc(b: np.ndarray, at: np.ndarray | float, plus: np.ndarray | float = 0.0
+            ) -> np.ndarray:
+        """The fitted metric in points at log10(n) = at, the other settings at their means
+        (+ `plus` on the fitted scale); one row per coefficient draw, one column per point."""
+        b0 = b[..., 0] + b[..., 1 + k:] @ means
         b1, b2 = b[..., 1], b[..., 2] if curved else np.zeros_like(b[..., 1])
-        if np.ndim(at):  # one row per coefficient draw, one column per point
-            b1, b2 = b1[..., None], b2[..., None]
-        return b1 * at + b2 * (np.asarray(at) - center) ** 2
+        if np.ndim(at):
+            b0, b1, b2 = b0[..., None], b1[..., None], b2[..., None]
+        return to_points(metric, b0 + b1 * at + b2 * (np.asarray(at) - center) ** 2 + plus)
 
     lo_n, hi_n = float(logn.min()), float(logn.max())
-    whole = f(draws, hi_n) - f(draws, lo_n)
-    effect.estimate = float(f(beta, hi_n) - f(beta, lo_n))
+    whole = acc(draws, hi_n) - acc(draws, lo_n)
+    effect.estimate = float(acc(beta, hi_n) - acc(beta, lo_n))
     effect.low, effect.high = (float(v) for v in np.percentile(whole, [2.5, 97.5]))
+    effect.se = float(np.std(whole, ddof=1))
+    effect.ends = (float(acc(beta, lo_n)), float(acc(beta, hi_n)))
     # A bound on the change anywhere in the range, not only between its ends (a curve can
-    # rise and fall back): the widest 95% band of f(s) - f(smallest) over the range.
+    # rise and fall back): the widest 95% band of the change from the smallest network.
     grid = np.linspace(lo_n, hi_n, 41)
-    band = np.percentile(f(draws, grid) - f(draws, lo_n)[:, None], [2.5, 97.5], axis=0)
+    band = np.percentile(acc(draws, grid) - acc(draws, lo_n)[:, None], [2.5, 97.5], axis=0)
     effect.anywhere = float(np.abs(band).max())
     decades = hi_n - lo_n
     if curved and decades > 1.2:  # the largest tenfold against the average tenfold
-        top = f(draws, hi_n) - f(draws, hi_n - 1)
+        top = acc(draws, hi_n) - acc(draws, hi_n - 1)
         t_low, t_high = np.percentile(top, [2.5, 97.5])
-        effect.top = (float(f(beta, hi_n) - f(beta, hi_n - 1)), float(t_low), float(t_high))
+        effect.top = (float(acc(beta, hi_n) - acc(beta, hi_n - 1)), float(t_low), float(t_high))
         effect.diminishing = bool(np.percentile(top - whole / decades, 97.5) < 0)
     effect.covariates, effect.held = tuple(names), tuple(dict.fromkeys(sources))
-    if "depth" in names:
+    if "depth" in names:  # one more layer at equal size, at the middle size and mean settings
         j = 1 + k + names.index("depth")
-        d_low, d_high = np.percentile(draws[:, j], [2.5, 97.5])
-        effect.depth = (float(beta[j]), float(d_low), float(d_high))
+        per_layer = acc(draws, center, draws[:, j]) - acc(draws, center)
+        d_low, d_high = np.percentile(per_layer, [2.5, 97.5])
+        effect.depth = (float(acc(beta, center, beta[j]) - acc(beta, center)), float(d_low),
+                        float(d_high))
     # Partial residuals: each trial's value with the covariates moved to their means.
-    shift = cov.mean(axis=0) @ beta[1 + k:]
-    effect.adjusted = (y - cov @ beta[1 + k:] + shift).tolist()
+    effect.adjusted = to_points(metric, y - (cov - means) @ beta[1 + k:]).tolist()
     effect.sizes = [int(v) for v in sizes]
     effect.numbers = [t.number for t in trials]
-    effect.curve = (float(beta[0] + shift), float(beta[1]), float(beta[2]) if curved else 0.0,
-                    center)
+    effect.curve = (float(beta[0] + means @ beta[1 + k:]), float(beta[1]),
+                    float(beta[2]) if curved else 0.0, center)
     low, high = effect.low, effect.high
     if low > 0:
         effect.verdict = "bigger"
@@ -226,25 +250,18 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
         effect.verdict = "null"
     else:
         # How many trials would bound it within +-margin, if the true effect is about 0: the
-        # fit's standard error of the effect (the bootstrap is inflated when trials are few)
-        # shrinks as 1/sqrt(n); 1.96 + 1.28 standard errors inside the margin gives a 95%
-        # interval within it 9 times in 10.
-        c = np.zeros(x.shape[1])
-        c[1] = decades
-        if curved:
-            c[2] = (hi_n - center) ** 2 - (lo_n - center) ** 2
-        sigma2 = float(np.sum((y - x @ beta) ** 2)) / (n - x.shape[1])
-        se = math.sqrt(sigma2 * float(c @ np.linalg.solve(x.T @ x, c)))
+        # effect's standard error (the bootstrap's) shrinks as 1/sqrt(n); 1.96 + 1.28 standard
+        # errors inside the margin gives a 95% interval within it 9 times in 10.
         effect.verdict = "unclear"
-        effect.needed = max(n + 1, math.ceil(n * ((1.96 + 1.28) * se / margin) ** 2))
+        effect.needed = max(n + 1, math.ceil(n * ((1.96 + 1.28) * effect.se / margin) ** 2))
     return effect
 
 
 def fitted(effect: Effect, n_params: np.ndarray) -> np.ndarray:
-    """The fitted size curve (other hyperparameters at their means) at these sizes."""
+    """The fitted size curve (other hyperparameters at their means) at these sizes, points."""
     b0, b1, b2, center = effect.curve
     at = np.log10(n_params)
-    return b0 + b1 * at + b2 * (at - center) ** 2
+    return to_points(effect.metric, b0 + b1 * at + b2 * (at - center) ** 2)
 
 
 def params_text(n: float) -> str:
@@ -275,10 +292,12 @@ def sentence(val: Effect, gap: Effect | None, budget: str) -> str:
     text = {
         "bigger": f"**Yes, {'but only slightly: ' if slight else ''}bigger networks generalized "
                   f"better**: {span}, {held(val)}, validation accuracy rose by "
-                  f"{val.estimate:.2f} points ({ci}; {where}).",
+                  f"{val.estimate:.2f} points, from {val.ends[0]:.2f}% to {val.ends[1]:.2f}% "
+                  f"({ci}; {where}).",
         "smaller": f"**No, {'only slightly, but ' if slight else ''}bigger networks generalized "
                    f"worse**: {span}, {held(val)}, validation accuracy fell by "
-                   f"{-val.estimate:.2f} points ({ci}; {where}).",
+                   f"{-val.estimate:.2f} points, from {val.ends[0]:.2f}% to {val.ends[1]:.2f}% "
+                   f"({ci}; {where}).",
         "null": f"**Size made no difference that matters**: {span}, {held(val)}, validation "
                 f"accuracy changed by less than {val.bound:.2f} points anywhere in that range "
                 f"(smallest to largest {val.estimate:+.2f}, {ci}; {where}).",
