@@ -16,6 +16,7 @@ from sweeper import objectives
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 
 LIVE = sys.stderr.isatty()
+SHORT_BUDGET = 10  # epochs: a study this short suggests --refit --epochs 30 for the export
 
 
 def fmt_value(v: Any) -> str:
@@ -111,12 +112,19 @@ def next_steps(cfg: Config, study: optuna.Study) -> str:
     if cfg.tracking.uri != DEFAULT_TRACKING:
         stores += f" --tracking-uri {shlex.quote(cfg.tracking.uri)}"
     out = shlex.quote(f"export/{name}")
-    export = f"python -m sweeper.export --study {quoted} --out {out}{stores}"
+    base = f"python -m sweeper.export --study {quoted} --out {out}{stores}"
+    kaggle = (f" --kaggle-test {shlex.quote(cfg.data.test_csv or 'test.csv')}"
+              if cfg.data.name == "kaggle" else "")
     if objectives.is_multi(study):
         front = objectives.front(study)
-        export += f" --trial {front[0].number if front else 'N'}    # any trial of the front"
-    if cfg.data.name == "kaggle":
-        export += f" --kaggle-test {shlex.quote(cfg.data.test_csv or 'test.csv')}"
+        export = (f"{base} --trial {front[0].number if front else 'N'}{kaggle}    # any trial "
+                  "of the front")
+    else:
+        export = base + kaggle
+        if cfg.trainer.max_epochs <= SHORT_BUDGET:
+            # A short common budget is for comparing; the model to ship is trained longer.
+            export += (f"\n  {base} --refit --epochs 30{kaggle}    # to ship: retrained on "
+                       "train+val for 30 epochs")
     ui = (f"mlflow ui --backend-store-uri {shlex.quote(cfg.tracking.uri)}    # then "
           "http://127.0.0.1:5000" if cfg.tracking.uri.startswith(("sqlite", "postgresql",
                                                                    "mysql", "mssql"))

@@ -114,6 +114,8 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
             bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
                           stats.correlation(size[i], val[i])))
     trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
+    if excluded_pruned:  # the survivors of pruning are a selected set: say so in the verdict
+        budget += f"; {excluded_pruned} pruned trials left out"
     effect_val = size_effect.estimate(trials, VAL_ACC, margin)
     effect_gap = size_effect.estimate(trials, GAP, margin)
     text = size_effect.sentence(effect_val, effect_gap, budget)
@@ -195,10 +197,12 @@ def ranks(size_gap: stats.Correlation, size_val: stats.Correlation) -> str:
 def study_effects(study: Any) -> tuple[size_effect.Effect, size_effect.Effect, str] | None:
     """The size effects on val_acc and the gap from a study's own record (no MLflow needed),
     with the budget note; None when it has too few comparable trials to give one."""
-    rows, _ = rows_of(study, include_pruned=False)
+    rows, pruned = rows_of(study, include_pruned=False)
     if len({r.n_params for r in rows}) < 3:
         return None
     trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
+    if pruned:  # the survivors of pruning are a selected set: say so in the verdict
+        budget += f"; {pruned} pruned trials left out"
     val = size_effect.estimate(trials, VAL_ACC)
     if val.verdict == "too few":
         return None
@@ -442,7 +446,8 @@ def assumptions(rep: Report) -> list[str]:
     e = rep.effect_val
     if e is None or e.verdict == "too few":
         return []
-    lines = ["How to read it: a least-squares fit of each metric on log10(n_params)"
+    lines = ["How to read it: a least-squares fit of each metric (validation accuracy as "
+             "-log10 of its error, the gap in points) on log10(n_params)"
              + (" and its square" if e.curve[2] else "")
              + (f" with {', '.join(e.covariates)} as covariates" if e.covariates else "")
              + "; the effect is the fitted change from the smallest to the largest network, its "

@@ -131,8 +131,10 @@ def _fit(y: np.ndarray, x: np.ndarray) -> np.ndarray | None:
 def to_scale(metric: str, points: np.ndarray) -> np.ndarray:
     """Accuracies are fitted as -log10(error): near 100% effects multiply the error (dropout
     that doubles a small net's 5% error doubles a big net's 2%), so the fit is additive there,
-    and a trial that barely trained (76% where the rest reach 92-98%) does not dominate it.
-    The gap, which can be 0 or negative, is fitted in points."""
+    and a trial that barely trained (76% where the rest reach 92-98%) pulls it about half as
+    much as in points. In points, a straight line on this scale flattens toward 100%: part of
+    "returns diminish" comes from the scale. The gap, which can be 0 or negative, is fitted in
+    points."""
     return -np.log10(np.maximum(100.0 - points, 1e-3)) if metric in LOG_ERROR else points
 
 
@@ -162,6 +164,9 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
         effect.reason = "size is the same in every trial"
         return effect
     if n < 3:
+        return effect
+    if not all(math.isfinite(t.metrics[metric]) for t in trials):
+        effect.reason = f"some trials have no finite {metric}"
         return effect
     names, sources, cov = columns(trials)
     logn = np.log10(sizes)
@@ -223,13 +228,14 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
     band = np.percentile(acc(draws, grid) - acc(draws, lo_n)[:, None], [2.5, 97.5], axis=0)
     effect.anywhere = float(np.abs(band).max())
     decades = hi_n - lo_n
-    if curved and decades > 1.2:  # the largest tenfold against the average tenfold
+    if decades > 1.2:  # the largest tenfold against the average tenfold
         top = acc(draws, hi_n) - acc(draws, hi_n - 1)
         t_low, t_high = np.percentile(top, [2.5, 97.5])
         effect.top = (float(acc(beta, hi_n) - acc(beta, hi_n - 1)), float(t_low), float(t_high))
         effect.diminishing = bool(np.percentile(top - whole / decades, 97.5) < 0)
     effect.covariates, effect.held = tuple(names), tuple(dict.fromkeys(sources))
-    if "depth" in names:  # one more layer at equal size, at the middle size and mean settings
+    if "depth" in names:  # one more layer at equal size, at the trials' mean log size and
+        # the other settings' means
         j = 1 + k + names.index("depth")
         per_layer = acc(draws, center, draws[:, j]) - acc(draws, center)
         d_low, d_high = np.percentile(per_layer, [2.5, 97.5])
@@ -250,10 +256,11 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
         effect.verdict = "null"
     else:
         # How many trials would bound it within +-margin, if the true effect is about 0: the
-        # effect's standard error (the bootstrap's) shrinks as 1/sqrt(n); 1.96 + 1.28 standard
-        # errors inside the margin gives a 95% interval within it 9 times in 10.
+        # effect's standard error (the bootstrap's) shrinks as 1/sqrt(n); 1.96 + 1.645 standard
+        # errors inside the margin gives a 95% interval within it 9 times in 10 (the null's
+        # bound over the whole range is a little stricter: "about").
         effect.verdict = "unclear"
-        effect.needed = max(n + 1, math.ceil(n * ((1.96 + 1.28) * effect.se / margin) ** 2))
+        effect.needed = max(n + 1, math.ceil(n * ((1.96 + 1.645) * effect.se / margin) ** 2))
     return effect
 
 
