@@ -427,7 +427,7 @@ def partial_effect(plt: Any, path: Path, rep: Report) -> str:
 
 def effects_table(rep: Report) -> list[str]:
     lines = ["| metric | from smallest to largest network, points | 95% interval | verdict | "
-             "trials | held fixed (regression covariates) |",
+             "trials | accounted for (regression covariates) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for e in (rep.effect_val, rep.effect_gap):
         if e is None or e.verdict == "too few":
