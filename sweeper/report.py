@@ -113,11 +113,7 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
         if i.sum() >= 3:
             bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
                           stats.correlation(size[i], val[i])))
-    trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
-    if excluded_pruned:  # the survivors of pruning are a selected set: say so in the verdict
-        budget += f"; {excluded_pruned} pruned trials left out"
-    effect_val = size_effect.estimate(trials, VAL_ACC, margin)
-    effect_gap = size_effect.estimate(trials, GAP, margin)
+    effect_val, effect_gap, budget = size_effects(rows, excluded_pruned, margin)
     text = size_effect.sentence(effect_val, effect_gap, budget)
     if len(rows) >= 3:
         text += " " + ranks(size_gap, size_val)
@@ -200,13 +196,19 @@ def study_effects(study: Any) -> tuple[size_effect.Effect, size_effect.Effect, s
     rows, pruned = rows_of(study, include_pruned=False)
     if len({r.n_params for r in rows}) < 3:
         return None
+    val, gap, budget = size_effects(rows, pruned)
+    return None if val.verdict == "too few" else (val, gap, budget)
+
+
+def size_effects(rows: list[Row], pruned: int, margin: float = size_effect.MARGIN
+                 ) -> tuple[size_effect.Effect, size_effect.Effect, str]:
+    """The size effects on val_acc and the gap (seed means where there are repeats), and the
+    budget note the verdict quotes."""
     trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
     if pruned:  # the survivors of pruning are a selected set: say so in the verdict
         budget += f"; {pruned} pruned trials left out"
-    val = size_effect.estimate(trials, VAL_ACC)
-    if val.verdict == "too few":
-        return None
-    return val, size_effect.estimate(trials, GAP), budget
+    return (size_effect.estimate(trials, VAL_ACC, margin),
+            size_effect.estimate(trials, GAP, margin), budget)
 
 
 def console_verdict(study: Any, found: Any = ...) -> str | None:

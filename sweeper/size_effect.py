@@ -40,7 +40,6 @@ class Trial:
     n_params: int
     params: dict[str, Any]  # the hyperparameters that are not size (depth, dropout, lr, family)
     metrics: dict[str, float]
-    number: int = -1  # the Optuna trial's
     logs: frozenset[str] = frozenset()  # params sampled on a log scale: they enter as log10
 
 
@@ -67,7 +66,6 @@ class Effect:
     reason: str = ""  # why there is no verdict, when it is not the number of trials
     adjusted: list[float] | None = None  # each trial's metric with the covariates held at mean
     sizes: list[int] | None = None  # n_params of the same trials
-    numbers: list[int] | None = None  # and their trial numbers
     # The fitted size curve: b0 + b1 * log10(n) + b2 * (log10(n) - center)^2 on the fitted
     # scale (see fitted()), the other settings at their means.
     curve: tuple[float, float, float, float] = (math.nan, math.nan, 0.0, 0.0)
@@ -77,8 +75,8 @@ class Effect:
     @property
     def bound(self) -> float:
         """The null's bound: the largest change anywhere in the range (95%)."""
-        return max(abs(self.low), abs(self.high), self.anywhere if self.anywhere == self.anywhere
-                   else 0.0)
+        ends = max(abs(self.low), abs(self.high))
+        return ends if math.isnan(self.anywhere) else max(ends, self.anywhere)
 
 
 def columns(trials: list[Trial]) -> tuple[list[str], list[str], np.ndarray]:
@@ -244,7 +242,6 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
     # Partial residuals: each trial's value with the covariates moved to their means.
     effect.adjusted = to_points(metric, y - (cov - means) @ beta[1 + k:]).tolist()
     effect.sizes = [int(v) for v in sizes]
-    effect.numbers = [t.number for t in trials]
     effect.curve = (float(beta[0] + means @ beta[1 + k:]), float(beta[1]),
                     float(beta[2]) if curved else 0.0, center)
     low, high = effect.low, effect.high
@@ -355,7 +352,7 @@ def of_rows(rows: list[Any], mean: Callable[[Any, str], float], metrics: tuple[s
     kept = [r for r in rows if r.epochs == common]
     trials = [Trial(r.n_params, {"depth": r.depth, "dropout": r.dropout, "lr": r.lr,
                                  "family": r.family, **r.extra},
-                    {m: 100 * mean(r, m) for m in metrics}, r.number, r.logs) for r in kept]
+                    {m: 100 * mean(r, m) for m in metrics}, r.logs) for r in kept]
     left = len(rows) - len(kept)
     note = (f" at {common} epochs each"
             + (f"; {left} trials with another epoch count left out" if left else "")

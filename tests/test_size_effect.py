@@ -28,7 +28,7 @@ def study(per_decade: float, n: int = 24, noise: float = 0.1, per_layer: float =
     gap = 1.5 + 0.02 * rng.normal(size=n)
     return [Trial(int(10 ** logn[i]), {"depth": int(depth[i]), "dropout": float(dropout[i]),
                                        "lr": float(10 ** loglr[i])},
-                  {VAL_ACC: float(val[i]), GAP: float(gap[i])}, i, frozenset({"lr"}))
+                  {VAL_ACC: float(val[i]), GAP: float(gap[i])}, frozenset({"lr"}))
             for i in range(n)]
 
 
