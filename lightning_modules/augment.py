@@ -48,14 +48,28 @@ class BatchAugment:
     def _elastic(self, b: int, h: int, w: int, g: torch.Generator,
                  x: torch.Tensor) -> torch.Tensor:
         d = torch.rand(b, 2, h, w, generator=g, device=x.device, dtype=x.dtype) * 2 - 1
-        radius = max(1, int(2 * self.sigma))
-        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-        k = torch.exp(-t ** 2 / (2 * self.sigma ** 2))
-        k = k / k.sum()
-        # Separable Gaussian blur of both displacement channels.
-        d = F.conv2d(d, k.view(1, 1, 1, -1).expand(2, 1, 1, -1), padding=(0, radius), groups=2)
-        d = F.conv2d(d, k.view(1, 1, -1, 1).expand(2, 1, -1, 1), padding=(radius, 0), groups=2)
+        # Separable Gaussian blur (zero padding) of both displacement channels, as two small
+        # matmuls: the same numbers as two 1-D convolutions, ~10x faster on a CPU.
+        d = _blur(h, self.sigma, x) @ d @ _blur(w, self.sigma, x).T
         # pixels -> grid units ([-1, 1] spans the image)
         d = d * self.alpha * torch.tensor([2 / w, 2 / h], device=x.device,
                                           dtype=x.dtype).view(1, 2, 1, 1)
         return d.permute(0, 2, 3, 1)
+
+
+_BLURS: dict[tuple[int, float, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _blur(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """[n, n] matrix of a 1-D Gaussian blur: kernel radius 2 sigma, normalized over the whole
+    kernel, zero beyond the edges."""
+    key = (n, sigma, like.device, like.dtype)
+    if key not in _BLURS:
+        radius = max(1, int(2 * sigma))
+        i = torch.arange(n, device=like.device, dtype=like.dtype)
+        offset = i[None, :] - i[:, None]
+        t = torch.arange(-radius, radius + 1, device=like.device, dtype=like.dtype)
+        kernel = torch.exp(-offset ** 2 / (2 * sigma ** 2)) / torch.exp(
+            -t ** 2 / (2 * sigma ** 2)).sum()
+        _BLURS[key] = torch.where(offset.abs() <= radius, kernel, torch.zeros_like(kernel))
+    return _BLURS[key]

@@ -11,7 +11,6 @@ accuracy beside the model's accuracy on the original 28x28 images.
 
 import argparse
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +37,7 @@ def main() -> None:
         images, labels = ds.images, ds.labels
     rng = np.random.default_rng(args.seed)
     pick = rng.choice(len(images), size=min(args.n, len(images)), replace=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = torch.jit.load(str(args.model / "model.pt")).eval()
+    model = predict.load_model(args.model)
     ok_raw = ok_page = 0
     with tempfile.TemporaryDirectory() as tmp:
         for i in pick:

@@ -1,6 +1,7 @@
 """Trained weights of the study's best trials: `<dir>/<study>/trial-NNN.pt`, the top
 `search.keep_top_k` complete trials only (the rest are deleted as better ones arrive), so that
-export can ship a chosen model without retraining and disk use stays bounded."""
+export can ship a chosen model without retraining and disk use stays bounded. Seed repeats of a
+kept trial keep theirs beside it (`trial-NNN-seed-K.pt`): export's seed ensembles."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
+from lightning_modules.metrics import VAL_ACC
 from lightning_modules.models import Architecture, build_model
 from sweeper import keys, objectives
 from sweeper.config import Config
@@ -32,7 +34,17 @@ def folder(cfg: Config) -> Path:
 def save(cfg: Config, number: int, net: torch.nn.Module, arch: Architecture, splits: Splits,
          metrics: dict[str, float]) -> Path:
     """Returns the absolute path: export finds it from any folder."""
-    path = (folder(cfg) / f"trial-{number:03d}.pt").resolve()
+    return save_to((folder(cfg) / f"trial-{number:03d}.pt").resolve(), number, net, arch,
+                   splits, metrics)
+
+
+def repeat_path(trial_checkpoint: Path, k: int) -> Path:
+    """Where seed repeat k of a trial keeps its weights: beside the trial's own."""
+    return trial_checkpoint.with_name(f"{trial_checkpoint.stem}-seed-{k}.pt")
+
+
+def save_to(path: Path, number: int, net: torch.nn.Module, arch: Architecture, splits: Splits,
+            metrics: dict[str, float]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                 "arch": asdict(arch), "in_shape": list(splits.in_shape),
@@ -50,12 +62,19 @@ def keep_top_k(study: optuna.Study, k: int) -> None:
         keep |= {t.number for t in objectives.front(study)}
     for t in ranked:
         if t.number not in keep:
-            Path(t.user_attrs[keys.CHECKPOINT]).unlink(missing_ok=True)
+            own = Path(t.user_attrs[keys.CHECKPOINT])
+            own.unlink(missing_ok=True)
+            for repeat in own.parent.glob(f"{own.stem}-seed-*.pt"):
+                repeat.unlink(missing_ok=True)
 
 
 def load_trial(study: optuna.Study, trial: FrozenTrial, storage: str
                ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The kept weights of a complete trial. Studies made before paths were stored absolute
+    return load(trial_path(study, trial, storage))
+
+
+def trial_path(study: optuna.Study, trial: FrozenTrial, storage: str) -> Path:
+    """The file of a complete trial's kept weights. Studies made before paths were stored absolute
     hold them relative to the folder the sweep ran in: beside the Optuna SQLite file's folder."""
     stored = trial.user_attrs.get(keys.CHECKPOINT)
     if stored is None:
@@ -71,7 +90,22 @@ def load_trial(study: optuna.Study, trial: FrozenTrial, storage: str
         raise UserError(f"{path}: checkpoint not found (the trial ranks {rank} of "
                         f"{len(complete)}: only the best search.keep_top_k keep their weights, "
                         "or the file was moved); export --refit retrains the trial")
-    return load(path)
+    return path
+
+
+def seeds(study: optuna.Study, trial: FrozenTrial, storage: str) -> list[tuple[int, Path]]:
+    """(seed index, weights) of a trial and its seed repeats whose weights are kept: 0 first."""
+    try:
+        own = trial_path(study, trial, storage)
+    except UserError:
+        return []
+    found = [(0, own)]
+    for key, record in sorted(study.user_attrs.items()):
+        if key.startswith(f"{keys.REPEAT}.{trial.number}.") and isinstance(record, dict):
+            k = int(key.rsplit(".", 1)[1])
+            if k > 0 and repeat_path(own, k).is_file() and VAL_ACC in record:
+                found.append((k, repeat_path(own, k)))
+    return sorted(found)
 
 
 def load(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -1,25 +1,33 @@
-"""`python -m sweeper.export --study NAME --out DIR [--trial N] [--refit] [--kaggle-test CSV]`
+"""`python -m sweeper.export --study NAME --out DIR [--trial N] [--ensemble K] [--refit]
+[--kaggle-test CSV]`
 
 Ships a study's best trial (or trial N) as files that load without this project:
-  model.pt    TorchScript   torch.jit.load(path)(images) -> logits
+  model.pt2   torch.export  torch.export.load(path).module()(images) -> logits
   model.onnx  ONNX          onnxruntime.InferenceSession(path).run(None, {"image": images})
-  model.json  what it is: config, metrics, trial, data source, and the input contract
+  model.json  what it is: config, metrics, trial(s), data source, and the input contract
 Both models take float32 images [N, 1, 28, 28] scaled to [0, 1] (white digit on black, as in
-MNIST) and apply the training normalization themselves. The model is also logged to the trial's
-MLflow run and registered in the MLflow model registry under the study's name. With
---kaggle-test it writes Kaggle's submission.csv; it always writes predictions.png.
+MNIST) and apply the training normalization themselves. With --ensemble K the files hold K
+networks (the trial's seed repeats, else the study's top K trials) and output the log of their
+mean probability: softmax of it is the ensemble's probabilities, as for a single model. The
+model is also logged to the trial's MLflow run and registered in the MLflow model registry under
+the study's name. With --kaggle-test it writes Kaggle's submission.csv; it always writes
+predictions.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,7 @@ from lightning_modules.metrics import (
     BEST_VAL_ACC,
     EPOCHS_RUN,
     GAP,
+    TEST_ACC,
     TRAIN_ACC,
     TRAIN_LOSS,
     VAL_ACC,
@@ -60,6 +69,61 @@ class Exported(nn.Module):
         return self.net((image - self.mean) / self.std)
 
 
+class Ensemble(nn.Module):
+    """Averages its members' probabilities; returns log(mean p), so that softmax of the output
+    is that mean (the single-model contract: logits in, softmax for probabilities)."""
+
+    def __init__(self, members: list[Exported]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(m(image), 1) for m in self.members])
+        return torch.logsumexp(logp, 0) - math.log(len(self.members))
+
+
+@dataclass
+class Member:
+    trial: Any  # FrozenTrial
+    seed: int  # 0: the trial itself; k: its seed repeat k
+    weights: Path | None  # kept weights (None: --refit trains it)
+
+
+def choose_members(study: Any, trial: Any, k: int, explicit: bool, storage: str,
+                   refit: bool) -> tuple[list[Member], str]:
+    """K members for --ensemble: the trial and its seed repeats when K of them kept their
+    weights (or --refit retrains them), otherwise the study's top K trials. Returns (members,
+    what they are in words)."""
+    from sweeper import checkpoints, keys
+
+    seeds = checkpoints.seeds(study, trial, storage)
+    if refit:  # retrained: the trial's seed and every repeat of it that finished
+        done = sorted({0} | {int(key.rsplit(".", 1)[1]) for key, record in study.user_attrs.items()
+                             if key.startswith(f"{keys.REPEAT}.{trial.number}.")
+                             and isinstance(record, dict) and VAL_ACC in record})
+        seeds = [(s, None) for s in done]  # type: ignore[misc]
+    if len(seeds) >= k:
+        return ([Member(trial, s, w) for s, w in seeds[:k]],
+                f"{k} seeds of trial {trial.number}")
+    if explicit:
+        raise UserError(f"--ensemble {k}: trial {trial.number} has {len(seeds)} seed(s) "
+                        f"{'run' if refit else 'with kept weights'}; run the study with "
+                        f"confirm.seeds={k} (its best confirm.top_k trials keep their repeats' "
+                        "weights), or leave out --trial to ensemble the top trials")
+    ranked = objectives.ranked(study)
+    if not refit:
+        ranked = [t for t in ranked if checkpoints.seeds(study, t, storage)]
+    if len(ranked) < k:
+        have = "complete" if refit else "with kept weights (search.keep_top_k)"
+        raise UserError(f"--ensemble {k}: study {study.study_name!r} has {len(ranked)} trials "
+                        f"{have} and trial {trial.number} has {len(seeds)} seed(s); ask for "
+                        f"fewer, re-run with search.keep_top_k={k} or confirm.seeds={k}, or "
+                        "add --refit")
+    members = [Member(t, 0, None if refit else checkpoints.trial_path(study, t, storage))
+               for t in ranked[:k]]
+    return members, f"the top {k} trials ({', '.join(str(t.number) for t in ranked[:k])})"
+
+
 def choose_trial(study: Any, number: int | None) -> Any:
     from optuna.trial import TrialState
 
@@ -82,25 +146,26 @@ def choose_trial(study: Any, number: int | None) -> Any:
     return trial
 
 
-def write_models(model: Exported, out: Path) -> None:
+def write_models(model: nn.Module, out: Path) -> None:
     example = torch.rand(4, 1, 28, 28)
+    batch = ({0: torch.export.Dim("batch")},)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; exporter chatter
-        torch.jit.trace(model, example).save(str(out / "model.pt"))
+        warnings.simplefilter("ignore")  # exporter chatter
+        program = torch.export.export(model, (example,), dynamic_shapes=batch)
+        torch.export.save(program, str(out / "model.pt2"))
         torch.onnx.export(model, (example,), str(out / "model.onnx"), dynamo=True,
                               input_names=["image"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
                               external_data=False)  # one self-contained file
 
 
-def check_models(model: Exported, out: Path, images: torch.Tensor) -> float:
+def check_models(model: nn.Module, out: Path, images: torch.Tensor) -> float:
     """Largest |difference| of the two exported files' logits from the in-project model's."""
     import onnxruntime
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+    with torch.no_grad():
         want = model(images).numpy()
-        script = torch.jit.load(str(out / "model.pt"))(images).numpy()
+        script = torch.export.load(str(out / "model.pt2")).module()(images).numpy()
     session = onnxruntime.InferenceSession(str(out / "model.onnx"))
     onnx = session.run(None, {"image": images.numpy()})[0]
     diff = float(max(np.abs(script - want).max(), np.abs(onnx - want).max()))
@@ -120,6 +185,14 @@ def predict(model: nn.Module, images: np.ndarray,
             probs.append(torch.softmax(model(x), 1).numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, 10), np.float32)
     return p.argmax(1), p
+
+
+def members_line(nets: Sequence[nn.Module], images: np.ndarray, truth: np.ndarray) -> str:
+    """Each ensemble member's accuracy on the same images ('' for a single model)."""
+    if len(nets) < 2:
+        return ""
+    accs = [float((predict(n, images)[0] == truth).mean()) for n in nets]
+    return f"; its members alone: {', '.join(f'{a:.4f}' for a in accs)}"
 
 
 def write_submission(path: Path, labels: np.ndarray, n_rows: int) -> None:
@@ -164,31 +237,40 @@ def predictions_png(path: Path, images: np.ndarray, labels: np.ndarray, probs: n
     plt.close(fig)
 
 
-def refit(cfg: Config, params: dict[str, Any], number: int
-          ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Retrain the trial's configuration (cfg: its own recipe) on train + validation, same seed
-    and epochs. Returns the network, the splits and what the refit measured."""
+def refit_splits(cfg: Config) -> Any:
+    """The study's splits with every labelled image in training (the validation metrics
+    printed while a refit trains are then training metrics)."""
     from sweeper import data, training
 
-    device = training.accelerator(cfg.trainer.accelerator)
-    splits = data.load_splits(cfg.data, cfg.seed, device)
-    # All labelled images train; the validation metrics printed are then training metrics.
+    splits = data.load_splits(cfg.data, cfg.seed, training.accelerator(cfg.trainer.accelerator))
     splits.x_train = torch.cat([splits.x_train, splits.x_val])
     splits.y_train = torch.cat([splits.y_train, splits.y_val])
+    return splits
+
+
+def refit(cfg: Config, params: dict[str, Any], number: int, splits: Any, seed: int = 0
+          ) -> tuple[nn.Module, dict[str, Any]]:
+    """Retrain the trial's configuration (cfg: its own recipe) on train + validation, with the
+    seed of the trial (0) or of its seed repeat k. Returns the network and what it measured."""
+    from sweeper import repeats, training
+
     spec = training.resolve(cfg, params, number)
+    if seed:
+        spec = dataclasses.replace(spec, seed=repeats.repeat_seed(spec.seed, seed))
     module = training.build(spec, splits)
-    print(f"refit: training trial {number}'s configuration on {len(splits.y_train):,} images "
-          f"for {spec.max_epochs} epochs ...", flush=True)
+    which = f"trial {number}'s configuration" + (f" (seed {seed})" if seed else "")
+    print(f"refit: training {which} on {len(splits.y_train):,} images for {spec.max_epochs} "
+          "epochs ...", flush=True)
     training.fit(module, spec, splits, lambda epoch, m: False)
     last = module.history[-1]
     measured = {"trained_on": len(splits.y_train), "epochs": len(module.history),
                 TRAIN_ACC: last[TRAIN_ACC], TRAIN_LOSS: last[TRAIN_LOSS],
                 # the validation images were among those it trained on: not a held-out figure
                 "val_acc_seen_in_training": last[VAL_ACC]}
-    return module.net.cpu().eval(), splits, measured
+    return module.net.cpu().eval(), measured
 
 
-def log_to_mlflow(tracking_uri: str, run_id: str | None, model: Exported, out: Path,
+def log_to_mlflow(tracking_uri: str, run_id: str | None, model: nn.Module, out: Path,
                   study: str) -> str:
     """Log the model and the export's files to the trial's run, by id: the run's status is
     never touched (no active run is opened on it), whatever stops the export."""
@@ -217,6 +299,8 @@ def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
     from sweeper import kaggle, stores
 
     out: Path = args.out
+    if getattr(args, "ensemble", None) is not None and args.ensemble < 2:
+        raise UserError(f"--ensemble {args.ensemble}: needs 2 or more members")
     if getattr(args, "epochs", None) is not None and (not args.refit or args.epochs < 1):
         raise UserError(f"--epochs {args.epochs}: needs --refit and a value >= 1 (it sets how "
                         "long the refit trains)")
@@ -248,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
     ap.add_argument("--refit", action="store_true", help="retrain on train + validation first")
+    ap.add_argument("--ensemble", type=int, metavar="K", help="export K networks as one model "
+                    "that averages their probabilities: the trial's seed repeats when K of them "
+                    "kept weights (confirm.seeds), otherwise the study's top K trials")
     ap.add_argument("--epochs", type=int, help="with --refit: train this many epochs (default: "
                     "the trial's); a study that compares at a short budget can refit longer")
     ap.add_argument("--kaggle-test", type=Path, help="Kaggle test.csv: write submission.csv")
@@ -286,21 +373,46 @@ def run(args: argparse.Namespace) -> None:
     a = trial.user_attrs
     trial_metrics = {k: a.get(k) for k in (TRAIN_ACC, VAL_ACC, GAP, BEST_VAL_ACC, EPOCHS_RUN,
                                            keys.N_PARAMS)}
-    splits = None
+    members, described = [Member(trial, 0, None)], f"trial {trial.number}"
+    if args.ensemble is not None:
+        members, described = choose_members(study, trial, args.ensemble, args.trial is not None,
+                                            args.storage, args.refit)
+        print(f"ensemble of {described}", flush=True)
+    splits: Any = refit_splits(cfg) if args.refit else None
+    nets, member_info = [], []
+    for m in members:
+        mcfg = recipe.of_trial(study, m.trial)
+        if args.epochs is not None:
+            mcfg.trainer.max_epochs = args.epochs
+        info: dict[str, Any] = {"trial": m.trial.number, "seed": m.seed,
+                                "params": m.trial.params,
+                                keys.N_PARAMS: m.trial.user_attrs.get(keys.N_PARAMS)}
+        if args.refit:
+            net, measured = refit(mcfg, m.trial.params, m.trial.number, splits, m.seed)
+            mean, std, source = splits.mean, splits.std, splits.source + " (refit: train+val)"
+            info |= measured
+        else:
+            net, ckpt = (checkpoints.load(m.weights) if m.weights is not None
+                         else checkpoints.load_trial(study, m.trial, args.storage))
+            mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
+            info |= {k: ckpt["metrics"].get(k) for k in (TRAIN_ACC, VAL_ACC, GAP)}
+        nets.append(Exported(net, mean, std).eval())
+        member_info.append(info)
     if args.refit:
-        net, splits, measured = refit(cfg, trial.params, trial.number)
-        mean, std, source = splits.mean, splits.std, splits.source + " (refit: train+val)"
         # The exported weights are the refit's: it saw the validation images, so nothing
         # held out measures them; the trial's numbers describe the same recipe on train only.
-        metrics = {"weights": "refit on train+validation", **measured,
-                   keys.N_PARAMS: trial_metrics[keys.N_PARAMS]}
+        metrics = {"weights": "refit on train+validation", **{
+            k: v for k, v in member_info[0].items() if k not in ("trial", "seed", "params")}}
     else:
-        net, ckpt = checkpoints.load_trial(study, trial, args.storage)
-        mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
         # What the final-epoch weights measured (the best epoch's val_acc is another model).
         metrics = {"weights": "the trial's own (final epoch)",
                    **{k: v for k, v in trial_metrics.items() if k != BEST_VAL_ACC}}
-    model = Exported(net, mean, std).eval()
+    model: nn.Module = nets[0]
+    if len(nets) > 1:
+        model = Ensemble(nets).eval()
+        metrics = {"weights": f"ensemble of {described}: mean of the members' probabilities"
+                   + (", each refit on train+validation" if args.refit else ""),
+                   keys.N_PARAMS: sum(i[keys.N_PARAMS] or 0 for i in member_info)}
     out: Path = args.out
     # Everything is written into a side folder first and moved into --out at the end: an
     # interrupted export leaves --out as it was.
@@ -322,11 +434,16 @@ def run(args: argparse.Namespace) -> None:
                        "probabilities"},
             "max_abs_difference_to_trained_model": diff,
         }
-        (side / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+        if len(members) > 1:
+            meta["ensemble"] = {"members": member_info, "of": described, "combine":
+                                "mean of the members' softmax probabilities; output = log of it"}
         what = ("refit on train+validation" if args.refit
                 else f"val_acc {a.get(VAL_ACC, float('nan')):.4f}")
-        print(f"exported trial {trial.number} ({what}): model.pt, model.onnx, model.json "
-              f"(both files match the trained model to {diff:.1e})")
+        if len(members) > 1:
+            what = described + (", each refit on train+validation" if args.refit else "")
+        print(f"exported {'an ensemble of' if len(members) > 1 else 'trial'} "
+              f"{what if len(members) > 1 else f'{trial.number} ({what})'}: model.pt2, "
+              f"model.onnx, model.json (both files match the trained model to {diff:.1e})")
         if kaggle_images is not None:
             t0 = time.perf_counter()
             labels, probs = predict(model, kaggle_images)
@@ -344,10 +461,23 @@ def run(args: argparse.Namespace) -> None:
             labels, probs = predict(model, images)
             truth = splits.y_val.cpu().numpy()
             seen = " (these images were trained on by --refit)" if args.refit else ""
-            print(f"validation accuracy of the exported model: {(labels == truth).mean():.4f}"
-                  f"{seen}")
+            meta["metrics"][VAL_ACC] = float((labels == truth).mean())
+            print(f"validation accuracy of the exported model: {meta['metrics'][VAL_ACC]:.4f}"
+                  f"{seen}" + members_line(nets, images, truth))
             predictions_png(side / "predictions.png", images, labels, probs, truth,
                             "validation")
+            # Measured on the test set only where the study already measured this trial there
+            # (confirm.test): the export adds no new look at it to a study that made none.
+            tested = TEST_ACC in study.user_attrs.get(f"{keys.REPEAT}.{trial.number}.0", {})
+            test = data.load_test(cfg.data, splits) if tested else None
+            if test is not None:
+                images = ((test[0][:, 0].cpu() * splits.std + splits.mean) * 255).round()
+                images = images.clamp(0, 255).to(torch.uint8).numpy()
+                truth = test[1].cpu().numpy()
+                meta["metrics"][TEST_ACC] = float((predict(model, images)[0] == truth).mean())
+                print(f"test accuracy of the exported model (confirm.test): "
+                      f"{meta['metrics'][TEST_ACC]:.4f}" + members_line(nets, images, truth))
+        (side / "model.json").write_text(json.dumps(meta, indent=2, default=str))
         faultpoints.reached("export-written")
         out.mkdir(exist_ok=True)
         for f in sorted(side.iterdir()):

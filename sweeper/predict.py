@@ -94,14 +94,17 @@ def load_model(folder: Path | None):
             raise UserError("no model: export one first (python -m sweeper.export --study NAME "
                             "--out DIR) or pass --model DIR")
         folder = Path(LAST_EXPORT.read_text().strip())
-    path = folder / "model.pt"
+    path = folder / "model.pt2"
     if not path.is_file():
-        raise UserError(f"{path}: no exported model there (python -m sweeper.export writes it)")
+        older = " (model.pt there is an older TorchScript export: export it again)" if (
+            folder / "model.pt").is_file() else ""
+        raise UserError(f"{path}: no exported model there{older}; python -m sweeper.export "
+                        "writes it")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
-            return torch.jit.load(str(path)).eval()
-    except Exception as e:  # truncated, damaged or not a TorchScript file
+            warnings.simplefilter("ignore")  # exporter chatter on load
+            return torch.export.load(str(path)).module()  # evaluation mode as exported
+    except Exception as e:  # truncated, damaged or not a torch.export file
         raise UserError(f"{path}: not a loadable exported model ({one_line(e, 120)}); export "
                         "it again") from None
 

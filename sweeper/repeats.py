@@ -131,9 +131,11 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
                 continue
             claim()
         try:
+            own = Path(t.user_attrs.get(keys.CHECKPOINT, ""))
+            keep = checkpoints.repeat_path(own, k) if t.number in best and own.is_file() else None
             with liveness.Every(cfg.search.heartbeat_interval_s, claim):
                 result = train_one(study, t, k, splits, tracker, parent,
-                                   test if t.number in best else None)
+                                   test if t.number in best else None, keep)
         except (KeyboardInterrupt, SystemExit):
             study.set_user_attr(key, {})  # unclaimed: the next run trains it
             raise
@@ -163,10 +165,11 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
 
 
 def train_one(study: optuna.Study, t: FrozenTrial, k: int, splits: Splits, tracker: Tracker,
-              parent: str, test: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> dict[str, Any]:
+              parent: str, test: tuple[torch.Tensor, torch.Tensor] | None = None,
+              keep: Path | None = None) -> dict[str, Any]:
     """Seed k of trial t, trained with the trial's own recipe. Returns its final metrics, or
-    {diverged} / {error}. An interrupt ends its MLflow run KILLED and is raised again."""
+    {diverged} / {error}; its weights are saved to `keep` (the best trials' repeats: export's
+    seed ensembles). An interrupt ends its MLflow run KILLED and is raised again."""
     spec = training.resolve(recipe.of_trial(study, t), t.params, t.number)
     spec = dataclasses.replace(spec, seed=repeat_seed(spec.seed, k))
     record: dict[str, Any] = {keys.SEED: k}
@@ -193,6 +196,9 @@ def train_one(study: optuna.Study, t: FrozenTrial, k: int, splits: Splits, track
             record |= {m: module.history[-1][m] for m in (TRAIN_ACC, VAL_ACC, GAP)}
             if test is not None:
                 record[TEST_ACC] = training.accuracy(module.net, *test)
+            if keep is not None:
+                checkpoints.save_to(keep, t.number, module.net, spec.arch, splits,
+                                    module.history[-1])
     except (KeyboardInterrupt, SystemExit):
         if run_id is not None:
             tracker.end_trial(run_id, "FAIL", {}, error="interrupted", status="KILLED")

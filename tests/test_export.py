@@ -22,7 +22,7 @@ sys.modules["sweeper"] = None            # any import of the project now fails
 sys.modules["lightning_modules"] = None
 import torch, onnxruntime
 out, x = sys.argv[1], np.load(sys.argv[2])
-script = torch.jit.load(out + "/model.pt")(torch.from_numpy(x)).detach().numpy()
+script = torch.export.load(out + "/model.pt2").module()(torch.from_numpy(x)).detach().numpy()
 onnx = onnxruntime.InferenceSession(out + "/model.onnx").run(None, {"image": x})[0]
 np.save(sys.argv[3], np.stack([script, onnx]))
 """
@@ -58,7 +58,7 @@ def test_only_the_top_k_checkpoints_are_kept(exported):
 def test_files_load_without_the_project_and_agree_with_it(exported):
     tmp, study, _, _ = exported
     out = tmp / "out"
-    assert {p.name for p in out.iterdir()} >= {"model.pt", "model.onnx", "model.json",
+    assert {p.name for p in out.iterdir()} >= {"model.pt2", "model.onnx", "model.json",
                                                 "submission.csv", "predictions.png"}
     meta = json.loads((out / "model.json").read_text())
     assert meta["trial"] == study.best_trial.number and meta["params"] == study.best_params
@@ -70,17 +70,23 @@ def test_files_load_without_the_project_and_agree_with_it(exported):
 
 def standalone_errors(study, out: Path, tmp: Path, n: int) -> tuple[float, float]:
     """Largest differences between the best trial's checkpoint (with normalization) and its
-    exported model.pt / model.onnx, loaded in a process that cannot import the project."""
+    exported model.pt2 / model.onnx, loaded in a process that cannot import the project."""
     net, ckpt = checkpoints.load(Path(study.best_trial.user_attrs[keys.CHECKPOINT]))
     model = export.Exported(net, ckpt["mean"], ckpt["std"]).eval()
     x = torch.rand(n, 1, 28, 28)
-    np.save(tmp / "x.npy", x.numpy())
-    subprocess.run([sys.executable, "-c", STANDALONE, str(out), str(tmp / "x.npy"),
-                    str(tmp / "y.npy")], check=True, cwd=tmp)
-    script, onnx = np.load(tmp / "y.npy")
+    script, onnx = standalone_outputs(out, tmp, x)
     with torch.no_grad():
         want = model(x).numpy()
     return float(np.abs(script - want).max()), float(np.abs(onnx - want).max())
+
+
+def standalone_outputs(out: Path, tmp: Path, x: torch.Tensor) -> np.ndarray:
+    """[model.pt2's, model.onnx's] outputs for x, computed in a process that cannot import the
+    project."""
+    np.save(tmp / "x.npy", x.numpy())
+    subprocess.run([sys.executable, "-c", STANDALONE, str(out), str(tmp / "x.npy"),
+                    str(tmp / "y.npy")], check=True, cwd=tmp)
+    return np.load(tmp / "y.npy")
 
 
 def test_submission_is_in_kaggles_format(exported):
@@ -132,7 +138,7 @@ def test_refit_retrains_a_dropped_trial(exported):
 
 
 def test_predict_reads_the_users_digits_with_a_real_export(exported, tmp_path, capsys):
-    """predict on the exported model.pt (not a stand-in): MNIST digits saved as PNG files come
+    """predict on the exported model.pt2 (not a stand-in): MNIST digits saved as PNG files come
     back as the exported model reads them in memory, and mostly right."""
     from PIL import Image
 
@@ -152,3 +158,126 @@ def test_predict_reads_the_users_digits_with_a_real_export(exported, tmp_path, c
     want, _ = export.predict(model, x)
     assert said == want.tolist()
     assert (np.array(said) == labels[:20]).mean() >= 0.6
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """One configuration trained with 3 seeds (the trial + 2 repeats that keep their weights)."""
+    tmp = tmp_path_factory.mktemp("ensemble")
+    cfg = Config(name="ens", seed=2)
+    cfg.data = DataConfig(name="mnist_sample", val_size=1000)
+    cfg.search.study_name = "ens"
+    cfg.search.storage = f"sqlite:///{tmp}/optuna.db"
+    cfg.tracking.uri = f"sqlite:///{tmp}/mlflow.db"
+    cfg.trainer.max_epochs, cfg.search.n_trials, cfg.search.pruner = 1, 2, "none"
+    cfg.search.space = {"width": ParamSpec("int", low=16, high=64, log=True)}
+    cfg.confirm.seeds, cfg.confirm.top_k = 3, 1
+    return tmp, run_study(cfg), cfg
+
+
+def test_repeats_of_the_best_keep_their_weights(seeded):
+    _tmp, study, cfg = seeded
+    best = study.best_trial.number
+    names = sorted(f.name for f in checkpoints.folder(cfg).glob("*.pt"))
+    assert f"trial-{best:03d}-seed-1.pt" in names and f"trial-{best:03d}-seed-2.pt" in names
+    seeds = checkpoints.seeds(study, study.best_trial, cfg.search.storage)
+    assert [k for k, _ in seeds] == [0, 1, 2]
+    # three different networks: the repeats trained with their own seeds
+    weights = [checkpoints.load(path)[0].state_dict() for _, path in seeds]
+    first = next(iter(weights[0]))
+    assert not torch.equal(weights[0][first], weights[1][first])
+
+
+def test_seed_ensemble_is_one_model_averaging_probabilities(seeded, tmp_path, capsys):
+    _tmp, study, cfg = seeded
+    images = data.load(DataConfig(name="mnist_sample")).images[:25]
+    test_csv = write(tmp_path / "test.csv", HEADER, [list(map(int, im.ravel())) for im in images])
+    out = tmp_path / "ens"
+    assert export.main(["--study", "ens", "--out", str(out), "--ensemble", "3",
+                        "--storage", cfg.search.storage, "--tracking-uri", cfg.tracking.uri,
+                        "--kaggle-test", str(test_csv)]) == 0
+    assert f"ensemble of 3 seeds of trial {study.best_trial.number}" in capsys.readouterr().out
+    meta = json.loads((out / "model.json").read_text())
+    assert [(m["trial"], m["seed"]) for m in meta["ensemble"]["members"]] == [
+        (study.best_trial.number, k) for k in range(3)]
+    # What the files compute, outside the project, is the mean of the members' probabilities.
+    members = []
+    for _, path in checkpoints.seeds(study, study.best_trial, cfg.search.storage):
+        net, ckpt = checkpoints.load(path)
+        members.append(export.Exported(net, ckpt["mean"], ckpt["std"]).eval())
+    x = torch.rand(9, 1, 28, 28)
+    with torch.no_grad():
+        want = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0).numpy()
+        alone = [torch.softmax(m(x), 1).numpy() for m in members]
+    for got in standalone_outputs(out, tmp_path, x):
+        p = np.exp(got) / np.exp(got).sum(1, keepdims=True)
+        assert np.abs(p - want).max() < 1e-5
+        assert min(np.abs(p - a).max() for a in alone) > 1e-3  # not one member passed through
+    # Kaggle's submission and predict take it as they take a single model.
+    rows = np.loadtxt(out / "submission.csv", delimiter=",", skiprows=1, dtype=int)
+    from sweeper import predict
+
+    labels, _ = export.predict(predict.load_model(out), images)
+    assert rows[:, 1].tolist() == labels.tolist()
+    versions = MlflowClient(tracking_uri=cfg.tracking.uri).search_model_versions("name='ens'")
+    assert len(versions) == 1
+
+
+def test_ensemble_errors_say_what_would_work(seeded, tmp_path, capsys):
+    _tmp, study, cfg = seeded
+    args = ["--study", "ens", "--storage", cfg.search.storage, "--no-mlflow"]
+    other = next(t.number for t in study.trials if t.number != study.best_trial.number)
+    assert export.main([*args, "--out", str(tmp_path / "a"), "--ensemble", "1"]) == 2
+    assert "--ensemble 1: needs 2 or more members" in capsys.readouterr().err
+    assert export.main([*args, "--out", str(tmp_path / "b"), "--ensemble", "2",
+                        "--trial", str(other)]) == 2  # no repeats: only its own weights
+    err = capsys.readouterr().err
+    assert f"trial {other} has 1 seed(s) with kept weights" in err and "confirm.seeds=2" in err
+    assert export.main([*args, "--out", str(tmp_path / "c"), "--ensemble", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "has 2 trials with kept weights" in err and "confirm.seeds=4" in err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_ensemble_of_the_top_trials(exported, capsys):
+    """Without seed repeats the top K trials join; their weights must be kept, or --refit
+    retrains them."""
+    tmp, study, cfg, _ = exported
+    args = ["--study", "exp", "--storage", cfg.search.storage, "--no-mlflow"]
+    assert export.main([*args, "--out", str(tmp / "top"), "--ensemble", "2"]) == 2
+    assert "has 1 trials with kept weights (search.keep_top_k)" in capsys.readouterr().err
+    assert export.main([*args, "--out", str(tmp / "top"), "--ensemble", "2", "--refit",
+                        "--epochs", "1"]) == 0
+    top = [t.number for t in sorted(study.trials, key=lambda t: -t.value)[:2]]
+    assert f"ensemble of the top 2 trials ({top[0]}, {top[1]})" in capsys.readouterr().out
+    meta = json.loads((tmp / "top" / "model.json").read_text())
+    assert [(m["trial"], m["seed"], m["epochs"]) for m in meta["ensemble"]["members"]] == [
+        (top[0], 0, 1), (top[1], 0, 1)]
+
+
+def test_ensemble_reports_its_test_accuracy_when_the_study_measures_test(mnist_root, tmp_path,
+                                                                          capsys):
+    """A study with confirm.test measures its best on MNIST's test set; the export of its seed
+    ensemble does too, and the figure is the exported files' own accuracy there."""
+    from sweeper import idx, predict
+
+    cfg = Config(name="t", seed=0)
+    cfg.data = DataConfig(name="mnist", root=str(mnist_root), val_size=1000, train_size=2000)
+    cfg.search.study_name, cfg.search.pruner, cfg.search.n_trials = "t", "none", 1
+    cfg.search.storage = f"sqlite:///{tmp_path}/optuna.db"
+    cfg.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.trainer.max_epochs = 1
+    cfg.search.space = {"width": ParamSpec("int", low=32, high=32)}
+    cfg.confirm.seeds, cfg.confirm.top_k, cfg.confirm.test = 2, 1, True
+    run_study(cfg)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert export.main(["--study", "t", "--out", str(out), "--ensemble", "2", "--storage",
+                        cfg.search.storage, "--no-mlflow"]) == 0
+    printed = capsys.readouterr().out
+    images, labels = idx.load_split(mnist_root, "test")
+    got, _ = export.predict(predict.load_model(out), images)
+    acc = float((got == labels).mean())
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["metrics"]["test_acc"] == acc > 0.5
+    assert f"test accuracy of the exported model (confirm.test): {acc:.4f}; its members" in printed

@@ -100,6 +100,24 @@ def test_augmentation_keeps_shape_dtype_and_order_and_is_seeded():
     assert not torch.equal(other(x), out)
 
 
+def test_elastic_field_is_a_gaussian_blur_of_uniform_noise():
+    """The matrix form of the blur gives Simard et al.'s field: the same numbers as a separable
+    convolution with the normalized Gaussian kernel (radius 2 sigma, zero padding)."""
+    import torch.nn.functional as F
+
+    from lightning_modules.augment import _blur
+
+    sigma = 4.0
+    d = torch.rand(5, 2, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t = torch.arange(-8, 9, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    want = F.conv2d(d, k.view(1, 1, 1, -1).expand(2, 1, 1, -1), padding=(0, 8), groups=2)
+    want = F.conv2d(want, k.view(1, 1, -1, 1).expand(2, 1, -1, 1), padding=(8, 0), groups=2)
+    got = _blur(28, sigma, d) @ d @ _blur(28, sigma, d).T
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_augmentation_is_applied_to_training_batches_only():
     splits = data.make_splits(data.load(DataConfig(name="mnist_sample")), 1000, 0,
                               torch.device("cpu"))

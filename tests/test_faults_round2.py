@@ -142,7 +142,7 @@ def test_interrupting_an_export_never_touches_the_trials_record(tmp_path):
     assert [c.info.status for c in children] == ["FINISHED"]  # before: FAILED / RUNNING
     done = _export(tmp_path, "--out", "out")
     assert done.returncode == 0, done.stderr
-    assert {"model.pt", "model.onnx", "model.json", "keep.txt"} <= {
+    assert {"model.pt2", "model.onnx", "model.json", "keep.txt"} <= {
         p.name for p in (tmp_path / "out").iterdir()}
 
 
@@ -337,7 +337,7 @@ def test_predict_survives_hostile_files(tmp_path, model_dir, capsys):
     assert f"{good}: " in out  # the remaining files are still read
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)
-    (broken / "model.pt").write_bytes((broken / "model.pt").read_bytes()[:100])
+    (broken / "model.pt2").write_bytes((broken / "model.pt2").read_bytes()[:100])
     assert predict.main([str(good), "--model", str(broken)]) == 2
     assert "not a loadable exported model" in capsys.readouterr().err
     for sheet, msg in ((tmp_path / "s.xyz", "unknown picture format"),

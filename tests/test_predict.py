@@ -70,7 +70,9 @@ def test_predict_cli_reports_each_file(tmp_path, digit, capsys, monkeypatch):
 
     folder = tmp_path / "model"
     folder.mkdir()
-    torch.jit.trace(Fixed(), torch.zeros(1, 1, 28, 28)).save(str(folder / "model.pt"))
+    batch = ({0: torch.export.Dim("batch")},)
+    program = torch.export.export(Fixed(), (torch.zeros(2, 1, 28, 28),), dynamic_shapes=batch)
+    torch.export.save(program, str(folder / "model.pt2"))
     good = save(tmp_path / "good.png", digit)
     (tmp_path / "notes.txt").write_text("not an image")
     blank = save(tmp_path / "blank.png", np.full((40, 40), 255, np.uint8))
@@ -86,3 +88,7 @@ def test_predict_cli_reports_each_file(tmp_path, digit, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no export here: a clear error, not a traceback
     assert predict.main([str(good)]) == 2
     assert "no model" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()  # an export made before model.pt2: TorchScript's model.pt
+    (tmp_path / "old" / "model.pt").write_bytes(b"PK")
+    assert predict.main([str(good), "--model", str(tmp_path / "old")]) == 2
+    assert "older TorchScript export: export it again" in capsys.readouterr().err
