@@ -5,6 +5,7 @@ kept trial keep theirs beside it (`trial-NNN-seed-K.pt`): export's seed ensemble
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from lightning_modules.metrics import VAL_ACC
+from lightning_modules.metrics import TRAIN_ACC, VAL_ACC
 from lightning_modules.models import Architecture, build_model
 from sweeper import keys, objectives
 from sweeper.config import Config
@@ -45,11 +46,14 @@ def repeat_path(trial_checkpoint: Path, k: int) -> Path:
 
 def save_to(path: Path, number: int, net: torch.nn.Module, arch: Architecture, splits: Splits,
             metrics: dict[str, float]) -> Path:
+    """Written beside and renamed into place: a file that exists is whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.part")
     torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                 "arch": asdict(arch), "in_shape": list(splits.in_shape),
                 "n_classes": splits.n_classes, "mean": splits.mean, "std": splits.std,
-                "data_source": splits.source, "trial": number, "metrics": metrics}, path)
+                "data_source": splits.source, "trial": number, "metrics": metrics}, part)
+    part.replace(path)
     return path
 
 
@@ -73,18 +77,27 @@ def load_trial(study: optuna.Study, trial: FrozenTrial, storage: str
     return load(trial_path(study, trial, storage))
 
 
-def trial_path(study: optuna.Study, trial: FrozenTrial, storage: str) -> Path:
-    """The file of a complete trial's kept weights. Studies made before paths were stored absolute
-    hold them relative to the folder the sweep ran in: beside the Optuna SQLite file's folder."""
+def kept(trial: FrozenTrial, storage: str) -> Path | None:
+    """The file of a trial's kept weights, or None. Studies made before paths were stored
+    absolute hold them relative to the folder the sweep ran in: beside the SQLite file's folder."""
     stored = trial.user_attrs.get(keys.CHECKPOINT)
     if stored is None:
-        raise UserError(f"trial {trial.number} has no checkpoint (it is not COMPLETE); "
-                        "export --refit retrains it")
+        return None
     path = Path(stored)
     db = sqlite_path(storage)
     if not path.is_absolute() and not path.is_file() and db is not None:
         path = db.resolve().parent.parent / path
-    if not path.is_file():
+    return path if path.is_file() else None
+
+
+def trial_path(study: optuna.Study, trial: FrozenTrial, storage: str) -> Path:
+    """The file of a complete trial's kept weights; a clear error where there is none."""
+    if keys.CHECKPOINT not in trial.user_attrs:
+        raise UserError(f"trial {trial.number} has no checkpoint (it is not COMPLETE); "
+                        "export --refit retrains it")
+    path = kept(trial, storage)
+    if path is None:
+        path = Path(trial.user_attrs[keys.CHECKPOINT])
         complete = objectives.ranked(study)
         rank = [t.number for t in complete].index(trial.number) + 1
         raise UserError(f"{path}: checkpoint not found (the trial ranks {rank} of "
@@ -94,18 +107,29 @@ def trial_path(study: optuna.Study, trial: FrozenTrial, storage: str) -> Path:
 
 
 def seeds(study: optuna.Study, trial: FrozenTrial, storage: str) -> list[tuple[int, Path]]:
-    """(seed index, weights) of a trial and its seed repeats whose weights are kept: 0 first."""
-    try:
-        own = trial_path(study, trial, storage)
-    except UserError:
+    """(seed index, weights) of a trial and its finished seed repeats whose weights are kept:
+    0 first. Diverged, failed and unfinished repeats are left out."""
+    own = kept(trial, storage)
+    if own is None:
         return []
     found = [(0, own)]
-    for key, record in sorted(study.user_attrs.items()):
-        if key.startswith(f"{keys.REPEAT}.{trial.number}.") and isinstance(record, dict):
+    for k in finished_repeats(study, trial.number):
+        if repeat_path(own, k).is_file():
+            found.append((k, repeat_path(own, k)))
+    return found
+
+
+def finished_repeats(study: optuna.Study, number: int) -> list[int]:
+    """Seed indices (k >= 1) of trial `number`'s repeats that finished with finite metrics."""
+    out = []
+    for key, record in study.user_attrs.items():
+        if key.startswith(f"{keys.REPEAT}.{number}.") and isinstance(record, dict) and all(
+                isinstance(record.get(m), int | float) and math.isfinite(record[m])
+                for m in (VAL_ACC, TRAIN_ACC)) and keys.ERROR not in record:
             k = int(key.rsplit(".", 1)[1])
-            if k > 0 and repeat_path(own, k).is_file() and VAL_ACC in record:
-                found.append((k, repeat_path(own, k)))
-    return sorted(found)
+            if k > 0:
+                out.append(k)
+    return sorted(out)
 
 
 def load(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -92,35 +92,36 @@ class Member:
 def choose_members(study: Any, trial: Any, k: int, explicit: bool, storage: str,
                    refit: bool) -> tuple[list[Member], str]:
     """K members for --ensemble: the trial and its seed repeats when K of them kept their
-    weights (or --refit retrains them), otherwise the study's top K trials. Returns (members,
-    what they are in words)."""
-    from sweeper import checkpoints, keys
+    weights (with --refit: when K of its seeds finished; each is retrained), otherwise the
+    study's top K trials. Returns (members, what they are in words)."""
+    from sweeper import checkpoints
 
-    seeds = checkpoints.seeds(study, trial, storage)
-    if refit:  # retrained: the trial's seed and every repeat of it that finished
-        done = sorted({0} | {int(key.rsplit(".", 1)[1]) for key, record in study.user_attrs.items()
-                             if key.startswith(f"{keys.REPEAT}.{trial.number}.")
-                             and isinstance(record, dict) and VAL_ACC in record})
-        seeds = [(s, None) for s in done]  # type: ignore[misc]
+    seeds: list[tuple[int, Path | None]] = list(checkpoints.seeds(study, trial, storage))
+    if refit:
+        seeds = [(s, None) for s in [0, *checkpoints.finished_repeats(study, trial.number)]]
     if len(seeds) >= k:
         return ([Member(trial, s, w) for s, w in seeds[:k]],
                 f"{k} seeds of trial {trial.number}")
-    if explicit:
+    finished = 1 + len(checkpoints.finished_repeats(study, trial.number))
+    retrain = (f"; --refit retrains its {finished} finished seeds" if not refit and finished >= k
+               else "")
+    if explicit or objectives.is_multi(study):
+        top = ("" if objectives.is_multi(study)
+               else ", or leave out --trial to ensemble the top trials")
         raise UserError(f"--ensemble {k}: trial {trial.number} has {len(seeds)} seed(s) "
-                        f"{'run' if refit else 'with kept weights'}; run the study with "
-                        f"confirm.seeds={k} (its best confirm.top_k trials keep their repeats' "
-                        "weights), or leave out --trial to ensemble the top trials")
+                        f"{'finished' if refit else 'with kept weights'}{retrain}; run the study "
+                        f"again with confirm.seeds={k} or more (repeats of its best "
+                        f"confirm.top_k trials trained from then on keep their weights){top}")
     ranked = objectives.ranked(study)
     if not refit:
-        ranked = [t for t in ranked if checkpoints.seeds(study, t, storage)]
+        ranked = [t for t in ranked if checkpoints.kept(t, storage) is not None]
     if len(ranked) < k:
         have = "complete" if refit else "with kept weights (search.keep_top_k)"
         raise UserError(f"--ensemble {k}: study {study.study_name!r} has {len(ranked)} trials "
-                        f"{have} and trial {trial.number} has {len(seeds)} seed(s); ask for "
-                        f"fewer, re-run with search.keep_top_k={k} or confirm.seeds={k}, or "
-                        "add --refit")
-    members = [Member(t, 0, None if refit else checkpoints.trial_path(study, t, storage))
-               for t in ranked[:k]]
+                        f"{have} and trial {trial.number} has {len(seeds)} seed(s){retrain}; "
+                        f"ask for fewer, or run it again with search.keep_top_k={k} or "
+                        f"confirm.seeds={k}" + ("" if refit else ", or add --refit"))
+    members = [Member(t, 0, None if refit else checkpoints.kept(t, storage)) for t in ranked[:k]]
     return members, f"the top {k} trials ({', '.join(str(t.number) for t in ranked[:k])})"
 
 
@@ -169,7 +170,9 @@ def check_models(model: nn.Module, out: Path, images: torch.Tensor) -> float:
     session = onnxruntime.InferenceSession(str(out / "model.onnx"))
     onnx = session.run(None, {"image": images.numpy()})[0]
     diff = float(max(np.abs(script - want).max(), np.abs(onnx - want).max()))
-    if diff > TOLERANCE:
+    if not np.isfinite(want).all():
+        raise UserError("the trained model's outputs are not finite (NaN/inf): not exported")
+    if not diff <= TOLERANCE:
         raise UserError(f"exported models disagree with the trained one by {diff:.2e} "
                         f"(more than {TOLERANCE:g})")
     return diff
@@ -261,12 +264,14 @@ def refit(cfg: Config, params: dict[str, Any], number: int, splits: Any, seed: i
     which = f"trial {number}'s configuration" + (f" (seed {seed})" if seed else "")
     print(f"refit: training {which} on {len(splits.y_train):,} images for {spec.max_epochs} "
           "epochs ...", flush=True)
-    training.fit(module, spec, splits, lambda epoch, m: False)
+    training.fit(module, spec, splits,
+                 lambda epoch, m: not all(math.isfinite(v) for v in m.values()))
     last = module.history[-1]
+    if not all(math.isfinite(v) for v in last.values()):
+        raise UserError(f"the refit of {which} diverged (non-finite metrics at epoch "
+                        f"{len(module.history)}): not exported")
     measured = {"trained_on": len(splits.y_train), "epochs": len(module.history),
-                TRAIN_ACC: last[TRAIN_ACC], TRAIN_LOSS: last[TRAIN_LOSS],
-                # the validation images were among those it trained on: not a held-out figure
-                "val_acc_seen_in_training": last[VAL_ACC]}
+                TRAIN_ACC: last[TRAIN_ACC], TRAIN_LOSS: last[TRAIN_LOSS]}
     return module.net.cpu().eval(), measured
 
 
@@ -333,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
     ap.add_argument("--refit", action="store_true", help="retrain on train + validation first")
     ap.add_argument("--ensemble", type=int, metavar="K", help="export K networks as one model "
-                    "that averages their probabilities: the trial's seed repeats when K of them "
-                    "kept weights (confirm.seeds), otherwise the study's top K trials")
+                    "that averages their probabilities: the trial and its seed repeats when K "
+                    "of them kept weights (confirm.seeds; with --refit: finished, and each is "
+                    "retrained), otherwise the study's top K trials (not with --trial)")
     ap.add_argument("--epochs", type=int, help="with --refit: train this many epochs (default: "
                     "the trial's); a study that compares at a short budget can refit longer")
     ap.add_argument("--kaggle-test", type=Path, help="Kaggle test.csv: write submission.csv")
@@ -379,7 +385,9 @@ def run(args: argparse.Namespace) -> None:
                                             args.storage, args.refit)
         print(f"ensemble of {described}", flush=True)
     splits: Any = refit_splits(cfg) if args.refit else None
-    nets, member_info = [], []
+    nets: list[Exported] = []
+    member_info: list[dict[str, Any]] = []
+    sources: tuple[float, float, str] = (0.0, 0.0, "")
     for m in members:
         mcfg = recipe.of_trial(study, m.trial)
         if args.epochs is not None:
@@ -396,6 +404,12 @@ def run(args: argparse.Namespace) -> None:
                          else checkpoints.load_trial(study, m.trial, args.storage))
             mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
             info |= {k: ckpt["metrics"].get(k) for k in (TRAIN_ACC, VAL_ACC, GAP)}
+        if nets and (mean, std, source) != sources:
+            raise UserError(f"--ensemble: trial {m.trial.number} was trained on {source} "
+                            f"(mean {mean:.4f}, std {std:.4f}), the others on {sources[2]} "
+                            f"(mean {sources[0]:.4f}, std {sources[1]:.4f}); members must "
+                            "share their data")
+        sources = (mean, std, source)
         nets.append(Exported(net, mean, std).eval())
         member_info.append(info)
     if args.refit:
@@ -444,6 +458,34 @@ def run(args: argparse.Namespace) -> None:
         print(f"exported {'an ensemble of' if len(members) > 1 else 'trial'} "
               f"{what if len(members) > 1 else f'{trial.number} ({what})'}: model.pt2, "
               f"model.onnx, model.json (both files match the trained model to {diff:.1e})")
+        if splits is None:  # refit already loaded them
+            splits = data.load_splits(cfg.data, cfg.seed, torch.device("cpu"))
+        # validation images back to uint8 pixels for the picture and the model's contract
+        val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round()
+        images = val.clamp(0, 255).to(torch.uint8).numpy()
+        labels, probs = predict(model, images)
+        truth = splits.y_val.cpu().numpy()
+        # After --refit the validation images were trained on: not a held-out figure.
+        key = "val_acc_seen_in_training" if args.refit else VAL_ACC
+        meta["metrics"][key] = float((labels == truth).mean())
+        seen = " (these images were trained on by --refit)" if args.refit else ""
+        print(f"validation accuracy of the exported model: {meta['metrics'][key]:.4f}{seen}"
+              + members_line(nets, images, truth))
+        if kaggle_images is None:
+            predictions_png(side / "predictions.png", images, labels, probs, truth,
+                            "validation")
+        # Measured on the test set only where the study already measured every member's trial
+        # there (confirm.test): the export adds no new look at it to a study that made none.
+        tested = all(TEST_ACC in study.user_attrs.get(f"{keys.REPEAT}.{m.trial.number}.0", {})
+                     for m in members)
+        test = data.load_test(cfg.data, splits) if tested else None
+        if test is not None:
+            images = ((test[0][:, 0].cpu() * splits.std + splits.mean) * 255).round()
+            images = images.clamp(0, 255).to(torch.uint8).numpy()
+            truth = test[1].cpu().numpy()
+            meta["metrics"][TEST_ACC] = float((predict(model, images)[0] == truth).mean())
+            print(f"test accuracy of the exported model (confirm.test): "
+                  f"{meta['metrics'][TEST_ACC]:.4f}" + members_line(nets, images, truth))
         if kaggle_images is not None:
             t0 = time.perf_counter()
             labels, probs = predict(model, kaggle_images)
@@ -452,31 +494,6 @@ def run(args: argparse.Namespace) -> None:
                   f"{time.perf_counter() - t0:.1f}s (predict, write)")
             predictions_png(side / "predictions.png", kaggle_images, labels, probs, None,
                             "Kaggle test")
-        else:
-            if splits is None:  # refit already loaded them
-                splits = data.load_splits(cfg.data, cfg.seed, torch.device("cpu"))
-            # validation images back to uint8 pixels for the picture and the model's contract
-            val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round()
-            images = val.clamp(0, 255).to(torch.uint8).numpy()
-            labels, probs = predict(model, images)
-            truth = splits.y_val.cpu().numpy()
-            seen = " (these images were trained on by --refit)" if args.refit else ""
-            meta["metrics"][VAL_ACC] = float((labels == truth).mean())
-            print(f"validation accuracy of the exported model: {meta['metrics'][VAL_ACC]:.4f}"
-                  f"{seen}" + members_line(nets, images, truth))
-            predictions_png(side / "predictions.png", images, labels, probs, truth,
-                            "validation")
-            # Measured on the test set only where the study already measured this trial there
-            # (confirm.test): the export adds no new look at it to a study that made none.
-            tested = TEST_ACC in study.user_attrs.get(f"{keys.REPEAT}.{trial.number}.0", {})
-            test = data.load_test(cfg.data, splits) if tested else None
-            if test is not None:
-                images = ((test[0][:, 0].cpu() * splits.std + splits.mean) * 255).round()
-                images = images.clamp(0, 255).to(torch.uint8).numpy()
-                truth = test[1].cpu().numpy()
-                meta["metrics"][TEST_ACC] = float((predict(model, images)[0] == truth).mean())
-                print(f"test accuracy of the exported model (confirm.test): "
-                      f"{meta['metrics'][TEST_ACC]:.4f}" + members_line(nets, images, truth))
         (side / "model.json").write_text(json.dumps(meta, indent=2, default=str))
         faultpoints.reached("export-written")
         out.mkdir(exist_ok=True)

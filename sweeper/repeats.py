@@ -193,12 +193,15 @@ def train_one(study: optuna.Study, t: FrozenTrial, k: int, splits: Splits, track
         if bad:
             record[keys.DIVERGED] = bad[0]
         else:
-            record |= {m: module.history[-1][m] for m in (TRAIN_ACC, VAL_ACC, GAP)}
+            # Weights and test first: a repeat whose save fails is a failed repeat (retried by
+            # the next run), never a finished one without its file.
+            final = {m: module.history[-1][m] for m in (TRAIN_ACC, VAL_ACC, GAP)}
             if test is not None:
-                record[TEST_ACC] = training.accuracy(module.net, *test)
+                final[TEST_ACC] = training.accuracy(module.net, *test)
             if keep is not None:
                 checkpoints.save_to(keep, t.number, module.net, spec.arch, splits,
                                     module.history[-1])
+            record |= final
     except (KeyboardInterrupt, SystemExit):
         if run_id is not None:
             tracker.end_trial(run_id, "FAIL", {}, error="interrupted", status="KILLED")

@@ -196,8 +196,12 @@ def test_seed_ensemble_is_one_model_averaging_probabilities(seeded, tmp_path, ca
     assert export.main(["--study", "ens", "--out", str(out), "--ensemble", "3",
                         "--storage", cfg.search.storage, "--tracking-uri", cfg.tracking.uri,
                         "--kaggle-test", str(test_csv)]) == 0
-    assert f"ensemble of 3 seeds of trial {study.best_trial.number}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"ensemble of 3 seeds of trial {study.best_trial.number}" in printed
     meta = json.loads((out / "model.json").read_text())
+    # Validation accuracy is measured with --kaggle-test too, beside each member's.
+    assert f"validation accuracy of the exported model: {meta['metrics']['val_acc']:.4f}; its " \
+        "members alone: " in printed
     assert [(m["trial"], m["seed"]) for m in meta["ensemble"]["members"]] == [
         (study.best_trial.number, k) for k in range(3)]
     # What the files compute, outside the project, is the mean of the members' probabilities.
@@ -253,6 +257,8 @@ def test_ensemble_of_the_top_trials(exported, capsys):
     meta = json.loads((tmp / "top" / "model.json").read_text())
     assert [(m["trial"], m["seed"], m["epochs"]) for m in meta["ensemble"]["members"]] == [
         (top[0], 0, 1), (top[1], 0, 1)]
+    # the validation images were trained on: recorded as such, never as val_acc
+    assert "val_acc" not in meta["metrics"] and meta["metrics"]["val_acc_seen_in_training"] > 0
 
 
 def test_ensemble_reports_its_test_accuracy_when_the_study_measures_test(mnist_root, tmp_path,
@@ -281,3 +287,69 @@ def test_ensemble_reports_its_test_accuracy_when_the_study_measures_test(mnist_r
     meta = json.loads((out / "model.json").read_text())
     assert meta["metrics"]["test_acc"] == acc > 0.5
     assert f"test accuracy of the exported model (confirm.test): {acc:.4f}; its members" in printed
+
+
+def test_repeat_weights_go_with_their_trial_and_only_finished_repeats_count(tmp_path):
+    """keep_top_k drops a trial's repeat weights with its own; seeds() lists the trial and its
+    finished repeats only (diverged, failed and claimed ones are left out)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from lightning_modules.metrics import TRAIN_ACC, VAL_ACC
+
+    study = optuna.create_study(direction="maximize")
+    files = {}
+    for number, value in enumerate((0.9, 0.8)):
+        own = tmp_path / f"trial-{number:03d}.pt"
+        files[number] = [own, *(checkpoints.repeat_path(own, k) for k in (1, 2, 3, 4))]
+        for f in files[number]:
+            f.write_bytes(b"w")
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"x": value}, distributions={"x": FloatDistribution(0, 1)},
+            user_attrs={keys.CHECKPOINT: str(own)}))
+    done = {VAL_ACC: 0.9, TRAIN_ACC: 0.95}
+    study.set_user_attr(f"{keys.REPEAT}.0.1", done)
+    study.set_user_attr(f"{keys.REPEAT}.0.2", {keys.DIVERGED: "val_loss=nan at epoch 1"})
+    study.set_user_attr(f"{keys.REPEAT}.0.3", {VAL_ACC: float("nan"), TRAIN_ACC: 0.9})  # old
+    study.set_user_attr(f"{keys.REPEAT}.0.4", {keys.CLAIMED_BY: "host:1", keys.CLAIM_BEAT: 0})
+    study.set_user_attr(f"{keys.REPEAT}.0.11", done)  # trial 0's repeat 11 has no file
+    assert [k for k, _ in checkpoints.seeds(study, study.trials[0], "sqlite:///x.db")] == [0, 1]
+    checkpoints.keep_top_k(study, 1)
+    assert all(f.exists() for f in files[0])
+    assert not any(f.exists() for f in files[1])  # the dropped trial's repeats went with it
+
+
+def test_refit_trains_each_seed_with_its_own_seed(seeded):
+    _tmp, study, cfg = seeded
+    from sweeper import recipe
+
+    best = study.best_trial
+    splits = export.refit_splits(cfg)
+    nets = [export.refit(recipe.of_trial(study, best), best.params, best.number, splits, k)[0]
+            for k in (0, 1, 1)]
+    first = next(iter(nets[0].state_dict()))
+    assert not torch.equal(nets[0].state_dict()[first], nets[1].state_dict()[first])
+    assert torch.equal(nets[1].state_dict()[first], nets[2].state_dict()[first])
+
+
+def test_a_model_with_non_finite_outputs_is_not_exported(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, image):
+            return image.flatten(1)[:, :10] * float("nan")
+
+    export.write_models(Broken(), tmp_path)
+    with pytest.raises(export.UserError, match="not finite"):
+        export.check_models(Broken(), tmp_path, torch.rand(4, 1, 28, 28))
+
+
+def test_a_study_with_seed_repeats_suggests_exporting_them_as_one_model():
+    import optuna
+
+    from sweeper import console
+
+    cfg = Config(name="mb")
+    cfg.search.study_name, cfg.trainer.max_epochs = "mb", 56
+    assert "--ensemble" not in console.next_steps(cfg, optuna.create_study())
+    cfg.confirm.seeds = 3
+    assert ("python -m sweeper.export --study mb --out export/mb --ensemble 3    # its 3 seeds "
+            "as one model") in console.next_steps(cfg, optuna.create_study())
