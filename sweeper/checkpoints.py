@@ -49,11 +49,15 @@ def save_to(path: Path, number: int, net: torch.nn.Module, arch: Architecture, s
     """Written beside and renamed into place: a file that exists is whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.part")
-    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+    try:
+        torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
                 "arch": asdict(arch), "in_shape": list(splits.in_shape),
                 "n_classes": splits.n_classes, "mean": splits.mean, "std": splits.std,
-                "data_source": splits.source, "trial": number, "metrics": metrics}, part)
-    part.replace(path)
+                    "data_source": splits.source, "trial": number, "metrics": metrics}, part)
+        part.replace(path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -78,16 +82,21 @@ def load_trial(study: optuna.Study, trial: FrozenTrial, storage: str
 
 
 def kept(trial: FrozenTrial, storage: str) -> Path | None:
-    """The file of a trial's kept weights, or None. Studies made before paths were stored
-    absolute hold them relative to the folder the sweep ran in: beside the SQLite file's folder."""
-    stored = trial.user_attrs.get(keys.CHECKPOINT)
-    if stored is None:
+    """The file of a trial's kept weights, or None."""
+    if keys.CHECKPOINT not in trial.user_attrs:
         return None
-    path = Path(stored)
+    path = resolved(trial, storage)
+    return path if path.is_file() else None
+
+
+def resolved(trial: FrozenTrial, storage: str) -> Path:
+    """Where a trial's weights are (or were). Studies made before paths were stored absolute
+    hold them relative to the folder the sweep ran in: beside the SQLite file's folder."""
+    path = Path(trial.user_attrs[keys.CHECKPOINT])
     db = sqlite_path(storage)
     if not path.is_absolute() and not path.is_file() and db is not None:
         path = db.resolve().parent.parent / path
-    return path if path.is_file() else None
+    return path
 
 
 def trial_path(study: optuna.Study, trial: FrozenTrial, storage: str) -> Path:
@@ -97,7 +106,7 @@ def trial_path(study: optuna.Study, trial: FrozenTrial, storage: str) -> Path:
                         "export --refit retrains it")
     path = kept(trial, storage)
     if path is None:
-        path = Path(trial.user_attrs[keys.CHECKPOINT])
+        path = resolved(trial, storage)
         complete = objectives.ranked(study)
         rank = [t.number for t in complete].index(trial.number) + 1
         raise UserError(f"{path}: checkpoint not found (the trial ranks {rank} of "
@@ -117,6 +126,18 @@ def seeds(study: optuna.Study, trial: FrozenTrial, storage: str) -> list[tuple[i
         if repeat_path(own, k).is_file():
             found.append((k, repeat_path(own, k)))
     return found
+
+
+def seeds_for_new_weights(study: optuna.Study, number: int, more: int) -> int:
+    """The confirm.seeds that makes `more` repeats of trial `number` that it has not trained
+    yet (finished and diverged repeats are never trained again, so they keep no new weights)."""
+    k = 0
+    while more > 0:
+        k += 1
+        record = study.user_attrs.get(f"{keys.REPEAT}.{number}.{k}")
+        if not (isinstance(record, dict) and (VAL_ACC in record or keys.DIVERGED in record)):
+            more -= 1
+    return k + 1
 
 
 def finished_repeats(study: optuna.Study, number: int) -> list[int]:

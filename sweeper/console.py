@@ -125,7 +125,7 @@ def next_steps(cfg: Config, study: optuna.Study) -> str:
             # A short common budget is for comparing; the model to ship is trained longer.
             export += (f"\n  {base} --refit --epochs 30{kaggle}    # to ship: retrained on "
                        "train+val for 30 epochs")
-        if cfg.confirm.seeds >= 2 and cfg.confirm.top_k >= 1:
+        if cfg.confirm.seeds >= 2 and cfg.confirm.top_k >= 1 and cfg.search.keep_top_k >= 1:
             # the best trial's repeats kept their weights: its seeds ship as one model
             export += (f"\n  {base} --ensemble {cfg.confirm.seeds}{kaggle}    # its "
                        f"{cfg.confirm.seeds} seeds as one model")

@@ -103,6 +103,7 @@ def choose_members(study: Any, trial: Any, k: int, explicit: bool, storage: str,
         return ([Member(trial, s, w) for s, w in seeds[:k]],
                 f"{k} seeds of trial {trial.number}")
     finished = 1 + len(checkpoints.finished_repeats(study, trial.number))
+    seeds_to_ask = checkpoints.seeds_for_new_weights(study, trial.number, k - len(seeds))
     retrain = (f"; --refit retrains its {finished} finished seeds" if not refit and finished >= k
                else "")
     if explicit or objectives.is_multi(study):
@@ -110,8 +111,9 @@ def choose_members(study: Any, trial: Any, k: int, explicit: bool, storage: str,
                else ", or leave out --trial to ensemble the top trials")
         raise UserError(f"--ensemble {k}: trial {trial.number} has {len(seeds)} seed(s) "
                         f"{'finished' if refit else 'with kept weights'}{retrain}; run the study "
-                        f"again with confirm.seeds={k} or more (repeats of its best "
-                        f"confirm.top_k trials trained from then on keep their weights){top}")
+                        f"again with confirm.seeds={seeds_to_ask} (repeats it has not trained yet "
+                        f"keep their weights while the trial is among its best confirm.top_k)"
+                        f"{top}")
     ranked = objectives.ranked(study)
     if not refit:
         ranked = [t for t in ranked if checkpoints.kept(t, storage) is not None]
@@ -120,7 +122,7 @@ def choose_members(study: Any, trial: Any, k: int, explicit: bool, storage: str,
         raise UserError(f"--ensemble {k}: study {study.study_name!r} has {len(ranked)} trials "
                         f"{have} and trial {trial.number} has {len(seeds)} seed(s){retrain}; "
                         f"ask for fewer, or run it again with search.keep_top_k={k} or "
-                        f"confirm.seeds={k}" + ("" if refit else ", or add --refit"))
+                        f"confirm.seeds={seeds_to_ask}" + ("" if refit else ", or add --refit"))
     members = [Member(t, 0, None if refit else checkpoints.kept(t, storage)) for t in ranked[:k]]
     return members, f"the top {k} trials ({', '.join(str(t.number) for t in ranked[:k])})"
 
@@ -188,6 +190,40 @@ def predict(model: nn.Module, images: np.ndarray,
             probs.append(torch.softmax(model(x), 1).numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, 10), np.float32)
     return p.argmax(1), p
+
+
+def measure(meta: dict[str, Any], model: nn.Module, nets: Sequence[nn.Module], splits: Any,
+            members: list[Member], study: Any, cfg: Config, refit: bool,
+            picture: Path | None) -> None:
+    """Accuracy of the exported model (and each ensemble member) on the study's validation
+    images, and on the test set where the study measured it; into meta["metrics"]."""
+    from sweeper import data, keys
+
+    # validation images back to uint8 pixels for the picture and the model's contract
+    val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round()
+    images = val.clamp(0, 255).to(torch.uint8).numpy()
+    labels, probs = predict(model, images)
+    truth = splits.y_val.cpu().numpy()
+    # After --refit the validation images were trained on: not a held-out figure.
+    key = "val_acc_seen_in_training" if refit else VAL_ACC
+    meta["metrics"][key] = float((labels == truth).mean())
+    seen = " (these images were trained on by --refit)" if refit else ""
+    print(f"validation accuracy of the exported model: {meta['metrics'][key]:.4f}{seen}"
+          + members_line(nets, images, truth))
+    if picture is not None:
+        predictions_png(picture, images, labels, probs, truth, "validation")
+    # Measured on the test set only where the study already measured every member's trial
+    # there (confirm.test): the export adds no new look at it to a study that made none.
+    tested = all(TEST_ACC in study.user_attrs.get(f"{keys.REPEAT}.{m.trial.number}.0", {})
+                 for m in members)
+    test = data.load_test(cfg.data, splits) if tested else None
+    if test is not None:
+        images = ((test[0][:, 0].cpu() * splits.std + splits.mean) * 255).round()
+        images = images.clamp(0, 255).to(torch.uint8).numpy()
+        truth = test[1].cpu().numpy()
+        meta["metrics"][TEST_ACC] = float((predict(model, images)[0] == truth).mean())
+        print(f"test accuracy of the exported model (confirm.test): "
+              f"{meta['metrics'][TEST_ACC]:.4f}" + members_line(nets, images, truth))
 
 
 def members_line(nets: Sequence[nn.Module], images: np.ndarray, truth: np.ndarray) -> str:
@@ -404,7 +440,8 @@ def run(args: argparse.Namespace) -> None:
                          else checkpoints.load_trial(study, m.trial, args.storage))
             mean, std, source = ckpt["mean"], ckpt["std"], ckpt["data_source"]
             info |= {k: ckpt["metrics"].get(k) for k in (TRAIN_ACC, VAL_ACC, GAP)}
-        if nets and (mean, std, source) != sources:
+        if nets and (source != sources[2] or not math.isclose(mean, sources[0], rel_tol=1e-6)
+                     or not math.isclose(std, sources[1], rel_tol=1e-6)):
             raise UserError(f"--ensemble: trial {m.trial.number} was trained on {source} "
                             f"(mean {mean:.4f}, std {std:.4f}), the others on {sources[2]} "
                             f"(mean {sources[0]:.4f}, std {sources[1]:.4f}); members must "
@@ -459,33 +496,16 @@ def run(args: argparse.Namespace) -> None:
               f"{what if len(members) > 1 else f'{trial.number} ({what})'}: model.pt2, "
               f"model.onnx, model.json (both files match the trained model to {diff:.1e})")
         if splits is None:  # refit already loaded them
-            splits = data.load_splits(cfg.data, cfg.seed, torch.device("cpu"))
-        # validation images back to uint8 pixels for the picture and the model's contract
-        val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round()
-        images = val.clamp(0, 255).to(torch.uint8).numpy()
-        labels, probs = predict(model, images)
-        truth = splits.y_val.cpu().numpy()
-        # After --refit the validation images were trained on: not a held-out figure.
-        key = "val_acc_seen_in_training" if args.refit else VAL_ACC
-        meta["metrics"][key] = float((labels == truth).mean())
-        seen = " (these images were trained on by --refit)" if args.refit else ""
-        print(f"validation accuracy of the exported model: {meta['metrics'][key]:.4f}{seen}"
-              + members_line(nets, images, truth))
-        if kaggle_images is None:
-            predictions_png(side / "predictions.png", images, labels, probs, truth,
-                            "validation")
-        # Measured on the test set only where the study already measured every member's trial
-        # there (confirm.test): the export adds no new look at it to a study that made none.
-        tested = all(TEST_ACC in study.user_attrs.get(f"{keys.REPEAT}.{m.trial.number}.0", {})
-                     for m in members)
-        test = data.load_test(cfg.data, splits) if tested else None
-        if test is not None:
-            images = ((test[0][:, 0].cpu() * splits.std + splits.mean) * 255).round()
-            images = images.clamp(0, 255).to(torch.uint8).numpy()
-            truth = test[1].cpu().numpy()
-            meta["metrics"][TEST_ACC] = float((predict(model, images)[0] == truth).mean())
-            print(f"test accuracy of the exported model (confirm.test): "
-                  f"{meta['metrics'][TEST_ACC]:.4f}" + members_line(nets, images, truth))
+            try:
+                splits = data.load_splits(cfg.data, cfg.seed, torch.device("cpu"))
+            except Exception as e:  # a Kaggle export needs only test.csv: say so, go on
+                if kaggle_images is None:
+                    raise
+                print(f"validation accuracy not measured: the study's data cannot be read "
+                      f"here ({one_line(e, 160)})")
+        if splits is not None:
+            measure(meta, model, nets, splits, members, study, cfg, args.refit,
+                    side / "predictions.png" if kaggle_images is None else None)
         if kaggle_images is not None:
             t0 = time.perf_counter()
             labels, probs = predict(model, kaggle_images)

@@ -314,6 +314,12 @@ def test_repeat_weights_go_with_their_trial_and_only_finished_repeats_count(tmp_
     study.set_user_attr(f"{keys.REPEAT}.0.4", {keys.CLAIMED_BY: "host:1", keys.CLAIM_BEAT: 0})
     study.set_user_attr(f"{keys.REPEAT}.0.11", done)  # trial 0's repeat 11 has no file
     assert [k for k, _ in checkpoints.seeds(study, study.trials[0], "sqlite:///x.db")] == [0, 1]
+    # Repeats 1-3 ended (finished or diverged) and are never trained again; 4 was only claimed:
+    # one more repeat with weights needs confirm.seeds=5.
+    with pytest.raises(export.UserError) as e:
+        export.choose_members(study, study.trials[0], 3, True, "sqlite:///x.db", False)
+    assert "has 2 seed(s) with kept weights; --refit retrains its 3 finished seeds; run the " \
+        "study again with confirm.seeds=5 " in str(e.value)
     checkpoints.keep_top_k(study, 1)
     assert all(f.exists() for f in files[0])
     assert not any(f.exists() for f in files[1])  # the dropped trial's repeats went with it
@@ -353,3 +359,20 @@ def test_a_study_with_seed_repeats_suggests_exporting_them_as_one_model():
     cfg.confirm.seeds = 3
     assert ("python -m sweeper.export --study mb --out export/mb --ensemble 3    # its 3 seeds "
             "as one model") in console.next_steps(cfg, optuna.create_study())
+    cfg.search.keep_top_k = 0  # no weights kept: nothing to ensemble
+    assert "--ensemble" not in console.next_steps(cfg, optuna.create_study())
+
+
+def test_a_multi_objective_ensemble_needs_the_trials_own_seeds(tmp_path):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    (tmp_path / "t.pt").write_bytes(b"w")
+    study.add_trial(optuna.trial.create_trial(
+        values=[0.9, 1e5], params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+        user_attrs={keys.CHECKPOINT: str(tmp_path / "t.pt")}))
+    with pytest.raises(export.UserError) as e:
+        export.choose_members(study, study.trials[0], 2, False, "sqlite:///x.db", False)
+    assert "trial 0 has 1 seed(s) with kept weights" in str(e.value)
+    assert "leave out --trial" not in str(e.value)  # no single ranking of a Pareto front
