@@ -28,17 +28,24 @@ np.save(sys.argv[3], np.stack([script, onnx]))
 """
 
 
+def sample_study(tmp: Path, name: str, seed: int, epochs: int, trials: int,
+                 widest: int) -> Config:
+    """A width search on the embedded sample, stores in tmp, no pruning."""
+    cfg = Config(name=name, seed=seed)
+    cfg.data = DataConfig(name="mnist_sample", val_size=1000)
+    cfg.search.study_name = name
+    cfg.search.storage = f"sqlite:///{tmp}/optuna.db"
+    cfg.tracking.uri = f"sqlite:///{tmp}/mlflow.db"
+    cfg.trainer.max_epochs, cfg.search.n_trials, cfg.search.pruner = epochs, trials, "none"
+    cfg.search.space = {"width": ParamSpec("int", low=16, high=widest, log=True)}
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    cfg = Config(name="exp", seed=1)
-    cfg.data = DataConfig(name="mnist_sample", val_size=1000)
-    cfg.search.study_name = "exp"
-    cfg.search.storage = f"sqlite:///{tmp}/optuna.db"
-    cfg.tracking.uri = f"sqlite:///{tmp}/mlflow.db"
-    cfg.trainer.max_epochs, cfg.search.n_trials, cfg.search.keep_top_k = 2, 3, 1
-    cfg.search.pruner = "none"
-    cfg.search.space = {"width": ParamSpec("int", low=16, high=96, log=True)}
+    cfg = sample_study(tmp, "exp", seed=1, epochs=2, trials=3, widest=96)
+    cfg.search.keep_top_k = 1
     study = run_study(cfg)
     images = data.load(DataConfig(name="mnist_sample")).images[:37]
     test_csv = write(tmp / "test.csv", HEADER, [list(map(int, im.ravel())) for im in images])
@@ -164,13 +171,7 @@ def test_predict_reads_the_users_digits_with_a_real_export(exported, tmp_path, c
 def seeded(tmp_path_factory):
     """One configuration trained with 3 seeds (the trial + 2 repeats that keep their weights)."""
     tmp = tmp_path_factory.mktemp("ensemble")
-    cfg = Config(name="ens", seed=2)
-    cfg.data = DataConfig(name="mnist_sample", val_size=1000)
-    cfg.search.study_name = "ens"
-    cfg.search.storage = f"sqlite:///{tmp}/optuna.db"
-    cfg.tracking.uri = f"sqlite:///{tmp}/mlflow.db"
-    cfg.trainer.max_epochs, cfg.search.n_trials, cfg.search.pruner = 1, 2, "none"
-    cfg.search.space = {"width": ParamSpec("int", low=16, high=64, log=True)}
+    cfg = sample_study(tmp, "ens", seed=2, epochs=1, trials=2, widest=64)
     cfg.confirm.seeds, cfg.confirm.top_k = 3, 1
     return tmp, run_study(cfg), cfg
 
