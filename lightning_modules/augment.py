@@ -26,36 +26,88 @@ class BatchAugment:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
+    def draw(self, b: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The random numbers of one batch of b images like x: uniform [b, 4] for the affine
+        map, and [b, 2, h, w] for the elastic field (None without it)."""
         g = self._gen(x.device)
         u = torch.rand(b, 4, generator=g, device=x.device, dtype=x.dtype) * 2 - 1
-        angle = u[:, 0] * math.radians(self.rotate)
-        zoom = 1 + u[:, 1] * self.scale
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        # affine_grid maps output to input coordinates in [-1, 1]: a shift of f of the image
-        # is 2f there.
-        theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * 2 * self.translate], 1),
-                             torch.stack([sin, cos, u[:, 3] * 2 * self.translate], 1)], 1)
-        grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-        if self.alpha > 0:
-            grid = grid + self._elastic(b, h, w, g, x)
-        # Pad with each image's background (its darkest value after normalization), not 0.
-        bg = x.amin(dim=(1, 2, 3), keepdim=True)
-        return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=False) + bg
+        if self.alpha <= 0:
+            return u, None
+        h, w = x.shape[-2:]
+        return u, torch.rand(b, 2, h, w, generator=g, device=x.device, dtype=x.dtype) * 2 - 1
 
-    def _elastic(self, b: int, h: int, w: int, g: torch.Generator,
-                 x: torch.Tensor) -> torch.Tensor:
-        d = torch.rand(b, 2, h, w, generator=g, device=x.device, dtype=x.dtype) * 2 - 1
-        # Separable Gaussian blur (zero padding) of both displacement channels, as two small
-        # matmuls: the same numbers as two 1-D convolutions, and the elastic part of a batch
-        # 3.2x cheaper on a 2-core CPU (scripts/bench_augment.py).
-        d = _blur(h, self.sigma, x) @ d @ _blur(w, self.sigma, x).T
-        # pixels -> grid units ([-1, 1] spans the image)
-        d = d * self.alpha * torch.tensor([2 / w, 2 / h], device=x.device,
-                                          dtype=x.dtype).view(1, 2, 1, 1)
-        return d.permute(0, 2, 3, 1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        u, d = self.draw(x.shape[0], x)
+        return warp(x, u, d, math.radians(self.rotate), self.translate, self.scale, self.alpha,
+                    self.sigma)
+
+
+Strength = float | torch.Tensor  # one value for the batch, or one per image ([b])
+
+
+def warp(x: torch.Tensor, u: torch.Tensor, d: torch.Tensor | None, rotate: Strength,
+         translate: Strength, scale: Strength, alpha: Strength, sigma: float) -> torch.Tensor:
+    """Apply the affine maps drawn as u (and the elastic fields d) to x [b, c, h, w]; rotate in
+    radians."""
+    grid = affine_grid(x, u, rotate, translate, scale)
+    if d is not None:
+        grid = grid + elastic_field(d, alpha, sigma, x)
+    return sample(x, grid)
+
+
+def affine_grid(x: torch.Tensor, u: torch.Tensor, rotate: Strength, translate: Strength,
+                scale: Strength) -> torch.Tensor:
+    b, _, h, w = x.shape
+    angle = u[:, 0] * rotate
+    zoom = 1 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # affine_grid maps output to input coordinates in [-1, 1]: a shift of f of the image is 2f
+    # there.
+    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * 2 * translate], 1),
+                         torch.stack([sin, cos, u[:, 3] * 2 * translate], 1)], 1)
+    return F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+
+
+def elastic_field(d: torch.Tensor, alpha: Strength, sigma: float,
+                  x: torch.Tensor) -> torch.Tensor:
+    """Uniform noise d [b, 2, h, w] -> displacement [b, h, w, 2] in grid units."""
+    h, w = d.shape[-2:]
+    # Separable Gaussian blur (zero padding) of both displacement channels, as two small
+    # matmuls: the same numbers as two 1-D convolutions, and the elastic part of a batch 3.2x
+    # cheaper on a 2-core CPU (scripts/bench_augment.py).
+    d = _blur(h, sigma, x) @ d @ _blur(w, sigma, x).T
+    a = alpha if isinstance(alpha, float | int) else alpha.view(-1, 1, 1, 1)
+    # pixels -> grid units ([-1, 1] spans the image)
+    d = d * a * torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype).view(1, 2, 1, 1)
+    return d.permute(0, 2, 3, 1)
+
+
+def sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    # Pad with each image's background (its darkest value after normalization), not 0.
+    bg = x.amin(dim=(1, 2, 3), keepdim=True)
+    return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + bg
+
+
+def warp_members(augments: list[BatchAugment], x: torch.Tensor) -> torch.Tensor:
+    """Population: x [N, B, c, h, w], member i augmented by augments[i] (its own generator and
+    strength, the draws its solo trial makes) in one batched warp. Members share sigma."""
+    n, b = x.shape[:2]
+    draws = [a.draw(b, x[i]) for i, a in enumerate(augments)]
+    u = torch.cat([u for u, _ in draws])
+    d = None
+    if any(d is not None for _, d in draws):  # a member without elastic (alpha 0) adds 0
+        d = torch.cat([torch.zeros(b, 2, *x.shape[-2:], device=x.device, dtype=x.dtype)
+                       if d is None else d for _, d in draws])
+
+    def per_image(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=x.device, dtype=x.dtype).repeat_interleave(b)
+
+    out = warp(x.reshape(n * b, *x.shape[2:]), u, d,
+               per_image([math.radians(a.rotate) for a in augments]),
+               per_image([a.translate for a in augments]), per_image([a.scale for a in augments]),
+               per_image([a.alpha for a in augments]), augments[0].sigma)
+    return out.view(x.shape)
 
 
 _BLURS: dict[tuple[int, float, torch.device, torch.dtype], torch.Tensor] = {}

@@ -37,7 +37,11 @@ DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"  # Optuna storages whose study l
 MODEL_PARAMS = ("family", "size", "depth", "width", "dropout", "kernel", "channel_mult",
                 "batch_norm")
 TRAINER_PARAMS = ("lr", "batch_size", "weight_decay", "label_smoothing")
-SEARCHABLE = MODEL_PARAMS + TRAINER_PARAMS
+# Scales augment's rotate, translate, scale and elastic_alpha (1: as configured; 0: none).
+AUGMENT_PARAMS = ("augment_strength",)
+PRECISIONS = ("32", "tf32", "bf16")
+POPULATION_FAMILIES = ("mlp", "cnn")  # families with a batched population form
+SEARCHABLE = MODEL_PARAMS + TRAINER_PARAMS + AUGMENT_PARAMS
 INTEGER_PARAMS = ("size", "depth", "width", "kernel", "batch_size")
 
 
@@ -114,6 +118,10 @@ class TrainerConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     accelerator: str = "auto"
+    # 32: float32 everywhere (on GPUs too: TF32 matmuls and convolutions off); tf32: TF32
+    # matmuls and convolutions on GPUs that have them (Ampere+; CPU: same as 32); bf16: bfloat16
+    # autocast (Lightning's bf16-mixed; weights and optimizer stay float32).
+    precision: str = "32"
 
 
 @dataclass
@@ -141,8 +149,9 @@ class SearchConfig:
     heartbeat_grace_s: int = 60
     # name -> spec; `name: null` removes a parameter that the defaults put in the space.
     space: Dict[str, ParamSpec] = field(default_factory=dict)
-    # Trials trained together as one batched computation (model=mlp; see sweeper/population.py):
-    # N > 1 asks N trials at a time that share an architecture. 1: one trial at a time.
+    # Trials trained together as one batched computation (model=mlp or cnn; see
+    # sweeper/population.py): N > 1 asks N trials at a time that share an architecture, and
+    # trains confirm's seed repeats N at a time. 1: one trial at a time.
     population: int = 1
     # Trials to run first when the study is new (e.g. a known baseline), as {param: value}.
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
@@ -332,6 +341,7 @@ def validate(cfg: Config) -> None:
     _one_of("trainer.optimizer", t.optimizer, OPTIMIZERS)
     _one_of("trainer.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _one_of("trainer.accelerator", t.accelerator, ACCELERATORS)
+    _one_of("trainer.precision", t.precision, PRECISIONS)
     s = cfg.search
     _check(s.n_trials >= 1, f"search.n_trials={s.n_trials} must be >= 1")
     _check(bool(s.study_name.strip()), "search.study_name must not be empty")
@@ -358,12 +368,13 @@ def validate(cfg: Config) -> None:
     for fam, d in cfg.model.depth_by_family.items():
         _one_of("model.depth_by_family", fam, MODEL_FAMILIES)
         _check(d >= 1, f"model.depth_by_family.{fam}={d} must be >= 1")
-    _check(s.population == 1 or (cfg.model.family == "mlp" and cfg.augment.name == "none"
-                                 and cfg.trainer.label_smoothing == 0
-                                 and "label_smoothing" not in s.space
+    _check("augment_strength" not in s.space or cfg.augment.name != "none",
+           "search.space.augment_strength scales the augmentation: pick one (augment=affine or "
+           "augment=elastic)")
+    _check(s.population == 1 or (cfg.model.family in POPULATION_FAMILIES
                                  and "family" not in s.space),
-           f"search.population={s.population} works for model=mlp without augmentation or "
-           "label smoothing")
+           f"search.population={s.population} works for model=mlp and model=cnn (one family "
+           "per study, not a searched one)")
     _check(s.max_consecutive_failures >= 1, "search.max_consecutive_failures must be >= 1")
     _check(s.keep_top_k >= 0, f"search.keep_top_k={s.keep_top_k} must be >= 0")
     _check(s.heartbeat_interval_s >= 1, "search.heartbeat_interval_s must be >= 1")
@@ -427,6 +438,7 @@ def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
         "channel_mult": (lambda v: number(v) and v > 0, "channel_mult must be > 0"),
         "batch_norm": (lambda v: isinstance(v, bool), "batch_norm must be true or false"),
         "label_smoothing": (lambda v: number(v) and 0 <= v < 1, "label_smoothing in [0, 1)"),
+        "augment_strength": (lambda v: number(v) and v >= 0, "augment_strength must be >= 0"),
     }
     ok, why = checks[name]
     for v in values:

@@ -16,6 +16,7 @@ batched model itself is lightning_modules/population.py.
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -26,19 +27,26 @@ import lightning.pytorch as pl
 import optuna
 import torch
 
+from lightning_modules.cnn import CNN
 from lightning_modules.metrics import VAL_ACC
 from lightning_modules.mlp import MLP
 from lightning_modules.models import build_model, count_params
-from lightning_modules.population import PopulationClassifier, PopulationMLP
+from lightning_modules.population import (
+    PopulationClassifier,
+    PopulationCNN,
+    PopulationMLP,
+    PopulationNet,
+)
 from sweeper import console, keys, liveness, objectives, search_space, training
 from sweeper.batches import PopulationGroups
-from sweeper.config import Config
+from sweeper.config import POPULATION_FAMILIES, Config
 from sweeper.data import Splits
 from sweeper.errors import UserError, one_line
 from sweeper.outcome import conclude
 from sweeper.tracking import Tracker
 
-SHARED = ("depth", "width", "size", "batch_size")  # params every member of a population shares
+# Params every member of a population shares: the weight shapes and the batch size.
+SHARED = ("depth", "width", "size", "batch_size", "kernel", "batch_norm", "channel_mult")
 
 
 def shared_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +86,74 @@ def run(study: optuna.Study, asked: list[tuple[optuna.Trial, dict[str, Any]]], c
     members = [Member(trial, spec) for (trial, _), spec in zip(asked, specs, strict=True)]
     done: list[optuna.trial.FrozenTrial] = []
     for rows in groups.values():
-        done += _train(study, [members[i] for i in rows], cfg, splits, tracker, parent)
+        for part in split(rows, capacity(specs[rows[0]], splits)):
+            done += _train(study, [members[i] for i in part], cfg, splits, tracker, parent)
     return done
+
+
+# Memory: a population never plans for more than this share of the free device memory.
+MEMORY_SHARE = 0.8
+_CAPACITY: dict[tuple[Any, ...], int] = {}
+
+
+def capacity(spec: training.TrialSpec, splits: Splits) -> int:
+    """The most members of spec's shape that fit in the device's free memory (measured once
+    per shape and device). A larger request is split into populations this big (printed)."""
+    key = (*shape_key(spec), spec.eval_batch_size, str(splits.x_train.device))
+    if key not in _CAPACITY:
+        per_member = member_bytes(spec, splits)
+        _CAPACITY[key] = max(1, int(MEMORY_SHARE * free_bytes(splits.x_train.device)
+                                    // per_member))
+    return _CAPACITY[key]
+
+
+def split(rows: list[int], cap: int) -> list[list[int]]:
+    """rows in ceil(len / cap) parts of (nearly) equal size, each <= cap; printed if > 1."""
+    parts = -(-len(rows) // cap)
+    if parts > 1:
+        print(f"  population of {len(rows)}: more than the free memory holds (~{cap} members); "
+              f"training it as {parts} populations", flush=True)
+    sizes = [len(rows) // parts + (i < len(rows) % parts) for i in range(parts)]
+    starts = [sum(sizes[:i]) for i in range(parts)]
+    return [rows[a:a + n] for a, n in zip(starts, sizes, strict=True)]
+
+
+def member_bytes(spec: training.TrialSpec, splits: Splits) -> int:
+    """Memory one member adds, measured on a population of one: weights, gradients and
+    optimizer state, plus the larger of (a) the tensors autograd keeps for backward of one
+    training mini-batch, 1.5x for the gradients flowing back, and (b) evaluation's peak, two
+    of the largest activation at eval_batch_size (a layer's input and output). 25% margin."""
+    module = build_population([spec], splits).to(splits.x_train.device)
+    x, y = splits.x_train[:spec.batch_size], splits.y_train[:spec.batch_size]
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module._loss(module.net(x.unsqueeze(0)), y.unsqueeze(0)).sum()
+    # The training batch and the weights themselves are no member's own activations.
+    own = {p.untyped_storage().data_ptr() for p in module.net.parameters()}
+    own.add(x.untyped_storage().data_ptr())
+    acts = [n for ptr, n in saved.items() if ptr not in own]
+    train = 1.5 * sum(acts)
+    evaluation = 2 * max(acts, default=0) * spec.eval_batch_size / max(1, len(x))
+    copies = 3 if spec.optimizer == "sgd" else 4  # weights, gradients, 1-2 optimizer states
+    weights = copies * sum(p.numel() * p.element_size() for p in module.net.parameters())
+    return int(1.25 * (weights + max(train, evaluation)))
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what the kernel says it can give without swapping
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -157,34 +231,44 @@ PopulationHook = Callable[[int, dict[int, dict[str, float]]], set[int]]
 
 def shape_key(spec: training.TrialSpec) -> tuple[Any, ...]:
     """Trials with equal keys can share a population (everything but per-member values)."""
-    return (spec.arch.family, spec.arch.hidden, spec.batch_size, spec.optimizer,
-            spec.lr_schedule, spec.max_epochs)
+    a, aug = spec.arch, spec.augment
+    return (a.family, a.hidden, a.kernel, a.batch_norm, spec.batch_size, spec.optimizer,
+            spec.lr_schedule, spec.max_epochs, spec.precision, aug.name if aug else None,
+            aug.elastic_sigma if aug else None)
 
 
 def build_population(specs: list[training.TrialSpec], splits: Splits) -> PopulationClassifier:
     """Member i starts exactly as `build(specs[i])` would: same seed, same initial weights, and
     (on CPU) a dropout generator in the state the solo run's global generator has after init."""
-    if specs[0].arch.family != "mlp" or any(s.augment or s.label_smoothing for s in specs):
-        raise UserError("search.population works for model=mlp without augmentation or label "
-                        "smoothing")
+    family = specs[0].arch.family
+    if family not in POPULATION_FAMILIES:
+        names = " and ".join(f"model={f}" for f in POPULATION_FAMILIES)
+        raise UserError(f"search.population works for {names}, not {family}")
     nets, generators = [], []
     with torch.random.fork_rng(devices=[]):
         for spec in specs:
             pl.seed_everything(spec.seed, verbose=False)
-            net = build_model(spec.arch, splits.in_shape, splits.n_classes)
-            assert isinstance(net, MLP)
-            nets.append(net)
+            nets.append(build_model(spec.arch, splits.in_shape, splits.n_classes))
             generators.append(torch.Generator().manual_seed(0))
             generators[-1].set_state(torch.get_rng_state())
-    pop = PopulationMLP(nets, [s.arch.dropout for s in specs])
+    dropouts = [s.arch.dropout for s in specs]
+    pop: PopulationNet
+    if family == "mlp":
+        pop = PopulationMLP([n for n in nets if isinstance(n, MLP)], dropouts)
+    else:
+        pop = PopulationCNN([n for n in nets if isinstance(n, CNN)], dropouts)
     if splits.x_train.device.type == "cpu":
         pop.generators = generators
     else:  # one batched mask draw per layer on the GPU, seeded by the first member
         torch.manual_seed(specs[0].seed)
     spec = specs[0]
     total_steps = spec.max_epochs * -(-len(splits.y_train) // spec.batch_size)
+    augments = None
+    if spec.augment is not None:
+        augments = [a for s in specs if (a := training.make_augment(s.augment, s.seed))]
     return PopulationClassifier(pop, spec.optimizer, [s.lr for s in specs],
-                                [s.weight_decay for s in specs], spec.lr_schedule, total_steps)
+                                [s.weight_decay for s in specs], spec.lr_schedule, total_steps,
+                                [s.label_smoothing for s in specs], augments)
 
 
 class _PopulationEpochEnd(pl.Callback):
@@ -208,15 +292,14 @@ def fit_population(module: PopulationClassifier, specs: list[training.TrialSpec]
     train = PopulationGroups(splits.x_train, splits.y_train, spec.batch_size,
                              spec.steps_per_execution, [s.seed for s in specs])
     trainer = training.make_trainer(splits.x_train.device, spec.max_epochs,
-                               _PopulationEpochEnd(on_epoch, train))
+                                    _PopulationEpochEnd(on_epoch, train), spec.precision)
     trainer.fit(module, train_dataloaders=train,
                 val_dataloaders=training.evals(splits, spec.eval_batch_size))
 
 
 def member_net(module: PopulationClassifier, member: int, spec: training.TrialSpec,
-               splits: Splits) -> MLP:
-    """Member `member` (original index, still in the population) as a plain MLP."""
+               splits: Splits) -> torch.nn.Module:
+    """Member `member` (original index, still in the population) as a plain MLP or CNN."""
     net = build_model(spec.arch, splits.in_shape, splits.n_classes)
-    assert isinstance(net, MLP)
     net.load_state_dict(module.net.member_state(module.active.index(member)))
     return net

@@ -66,6 +66,8 @@ def identity(cfg: Config, data_content: str) -> dict[str, Any]:
             out.pop("model.width", None)
     out |= {"search.space": search_space.describe(space), "search.objective":
             cfg.search.objective, "data.content": data_content}
+    if out.get("trainer.precision") == "32":  # at its default, absent (as before it existed)
+        del out["trainer.precision"]
     if cfg.search.objectives:  # absent from single-objective studies (as before it existed)
         out["search.objectives"] = [[m, d] for m, d in cfg.search.objectives.items()]  # order
     return json.loads(json.dumps(out))  # as stored: tuples become lists

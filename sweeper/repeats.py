@@ -11,7 +11,6 @@ taken over. A repeat that diverges is recorded as diverged and left out of every
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import statistics
 import time
@@ -23,8 +22,8 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import checkpoints, data, keys, liveness, objectives, recipe, training
-from sweeper.config import Config
+from sweeper import checkpoints, data, keys, liveness, objectives, population, recipe, training
+from sweeper.config import POPULATION_FAMILIES, Config
 from sweeper.data import Splits
 from sweeper.errors import one_line
 from sweeper.study_lock import StudyLock
@@ -123,34 +122,24 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
           + (f" + a ladder of {c.ladder} sizes" if c.ladder else "")
           + f") with {c.seeds} seeds each: {len(todo)} repeat runs", flush=True)
     grace = cfg.search.heartbeat_grace_s
-    for t, k in todo:
-        key = f"{keys.REPEAT}.{t.number}.{k}"
-        claim = functools.partial(_claim, study, key, liveness.this_worker())
-        with lock():  # claim it: workers finishing together split the repeats
-            if _taken(study.user_attrs.get(key), grace):  # read from the storage, not cached
-                continue
-            claim()
-        try:
-            own = Path(t.user_attrs.get(keys.CHECKPOINT, ""))
-            keep = checkpoints.repeat_path(own, k) if t.number in best and own.is_file() else None
-            with liveness.Every(cfg.search.heartbeat_interval_s, claim):
-                result = train_one(study, t, k, splits, tracker, parent,
-                                   test if t.number in best else None, keep)
-        except (KeyboardInterrupt, SystemExit):
-            study.set_user_attr(key, {})  # unclaimed: the next run trains it
-            raise
-        study.set_user_attr(key, result)
-        head = f"  trial {t.number:3d} seed {k}: {t.user_attrs[keys.N_PARAMS]:,} params | "
-        if keys.ERROR in result:
-            print(f"{head}FAILED ({result[keys.ERROR]}); the next run tries it again", flush=True)
-        elif keys.DIVERGED in result:
-            print(f"{head}diverged ({result[keys.DIVERGED]}): left out of the means",
-                  flush=True)
-        else:
-            print(f"{head}train {100 * result[TRAIN_ACC]:.2f} val {100 * result[VAL_ACC]:.2f} "
-                  f"gap {100 * result[GAP]:+.2f}"
-                  + (f" test {100 * result[TEST_ACC]:.2f}" if TEST_ACC in result else ""),
-                  flush=True)
+    size = cfg.search.population
+    for t in chosen:
+        ks = list(range(1, c.seeds))
+        spec = training.resolve(recipe.of_trial(study, t), t.params, t.number)
+        # search.population > 1: a trial's repeats train together, that many at a time.
+        step = 1
+        if size > 1 and spec.arch.family in POPULATION_FAMILIES and len(ks) > 1:
+            step = min(size, population.capacity(spec, splits))
+        for i in range(0, len(ks), step):
+            claimed = []
+            with lock():  # claim them: workers finishing together split the repeats
+                for k in ks[i:i + step]:
+                    key = f"{keys.REPEAT}.{t.number}.{k}"
+                    if not _taken(study.user_attrs.get(key), grace):  # read from the storage
+                        _claim(study, key, liveness.this_worker())
+                        claimed.append(k)
+            if claimed:
+                _train_claimed(study, t, claimed, splits, tracker, parent, test, best, cfg)
     bad = diverged(study)
     for number, runs in sorted(results(study).items()):
         val, gap = (mean_std([r[m] for r in runs]) for m in (VAL_ACC, GAP))
@@ -162,6 +151,110 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
         div = f", {bad[number]} diverged" if bad.get(number) else ""
         print(f"  trial {number:3d}: val {100 * val[0]:.2f} ± {100 * val[1]:.2f} | gap "
               f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f} ({len(runs)} seeds{div}){test_s}")
+
+
+def _train_claimed(study: optuna.Study, t: FrozenTrial, ks: list[int], splits: Splits,
+                   tracker: Tracker, parent: str, test: tuple[torch.Tensor, torch.Tensor] | None,
+                   best: set[int], cfg: Config) -> None:
+    """Train the claimed seeds ks of trial t (one population when several), renewing the
+    claims while they train; record and print each."""
+    keys_ = [f"{keys.REPEAT}.{t.number}.{k}" for k in ks]
+
+    def renew() -> None:
+        for key in keys_:
+            _claim(study, key, liveness.this_worker())
+
+    own = Path(t.user_attrs.get(keys.CHECKPOINT, ""))
+    keep = {k: checkpoints.repeat_path(own, k) if t.number in best and own.is_file() else None
+            for k in ks}
+    tested = test if t.number in best else None
+    try:
+        with liveness.Every(cfg.search.heartbeat_interval_s, renew):
+            if len(ks) == 1:
+                records = {ks[0]: train_one(study, t, ks[0], splits, tracker, parent, tested,
+                                            keep[ks[0]])}
+            else:
+                records = train_together(study, t, ks, splits, tracker, parent, tested, keep)
+    except (KeyboardInterrupt, SystemExit):
+        for key in keys_:
+            study.set_user_attr(key, {})  # unclaimed: the next run trains it
+        raise
+    for k, result in records.items():
+        study.set_user_attr(f"{keys.REPEAT}.{t.number}.{k}", result)
+        head = f"  trial {t.number:3d} seed {k}: {t.user_attrs[keys.N_PARAMS]:,} params | "
+        if keys.ERROR in result:
+            print(f"{head}FAILED ({result[keys.ERROR]}); the next run tries it again", flush=True)
+        elif keys.DIVERGED in result:
+            print(f"{head}diverged ({result[keys.DIVERGED]}): left out of the means",
+                  flush=True)
+        else:
+            print(f"{head}train {100 * result[TRAIN_ACC]:.2f} val {100 * result[VAL_ACC]:.2f} "
+                  f"gap {100 * result[GAP]:+.2f}"
+                  + (f" test {100 * result[TEST_ACC]:.2f}" if TEST_ACC in result else ""),
+                  flush=True)
+
+
+def train_together(study: optuna.Study, t: FrozenTrial, ks: list[int], splits: Splits,
+                   tracker: Tracker, parent: str, test: tuple[torch.Tensor, torch.Tensor] | None,
+                   keep: dict[int, Path | None]) -> dict[int, dict[str, Any]]:
+    """Seeds ks of trial t as one population: each as train_one would train it alone (its own
+    seed, MLflow run, divergence check, weights and test accuracy)."""
+    base = training.resolve(recipe.of_trial(study, t), t.params, t.number)
+    specs = [dataclasses.replace(base, seed=repeat_seed(base.seed, k)) for k in ks]
+    records: dict[int, dict[str, Any]] = {k: {keys.SEED: k} for k in ks}
+    runs: dict[int, str] = {}
+    bad: dict[int, str] = {}
+    try:
+        module = population.build_population(specs, splits)
+        for k, spec in zip(ks, specs, strict=True):
+            runs[k] = tracker.start_trial(parent, t.number, spec.mlflow_params()
+                                          | {keys.N_PARAMS: t.user_attrs[keys.N_PARAMS],
+                                             keys.POPULATION: len(ks)},
+                                          {keys.DATA_TAG: splits.source}, repeat=k)
+            records[k][keys.RUN_ID] = runs[k]
+
+        def on_epoch(epoch: int, latest: dict[int, dict[str, float]]) -> set[int]:
+            stop = set()
+            for i, metrics in latest.items():
+                tracker.log_metrics(runs[ks[i]], metrics, step=epoch)
+                wrong = [f"{m}={metrics[m]} at epoch {epoch}" for m in sorted(metrics)
+                         if not math.isfinite(metrics[m])]
+                if wrong:
+                    bad[ks[i]] = wrong[0]
+                    stop.add(i)
+            return stop
+
+        population.fit_population(module, specs, splits, on_epoch)
+        for i, k in enumerate(ks):
+            try:
+                if k in bad:
+                    records[k][keys.DIVERGED] = bad[k]
+                    continue
+                history = module.history[i]
+                final = {m: history[-1][m] for m in (TRAIN_ACC, VAL_ACC, GAP)}
+                net = population.member_net(module, i, specs[i], splits)
+                if test is not None:
+                    final[TEST_ACC] = training.accuracy(net, *test)
+                path = keep[k]
+                if path is not None:
+                    checkpoints.save_to(path, t.number, net, specs[i].arch, splits, history[-1])
+                records[k] |= final
+            except Exception as e:  # this seed's save or test failed: this repeat fails
+                records[k][keys.ERROR] = one_line(e)
+    except (KeyboardInterrupt, SystemExit):
+        for run_id in runs.values():
+            tracker.end_trial(run_id, "FAIL", {}, error="interrupted", status="KILLED")
+        raise
+    except Exception as e:  # out of memory, ...: the whole population's repeats fail
+        for k in ks:
+            if VAL_ACC not in records[k] and keys.DIVERGED not in records[k]:
+                records[k][keys.ERROR] = one_line(e)
+    for k, run_id in runs.items():
+        r = records[k]
+        tracker.end_trial(run_id, "COMPLETE" if VAL_ACC in r else "FAIL",
+                          {TEST_ACC: r[TEST_ACC]} if TEST_ACC in r else {},
+                          error=r.get(keys.DIVERGED) or r.get(keys.ERROR))
+    return records
 
 
 def train_one(study: optuna.Study, t: FrozenTrial, k: int, splits: Splits, tracker: Tracker,

@@ -6,6 +6,7 @@ called after each epoch's evaluation, and does reporting/pruning/logging there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -55,7 +56,9 @@ class TrialSpec:
     max_epochs: int
     seed: int
     label_smoothing: float = 0.0
-    augment: AugmentConfig | None = None
+    augment: AugmentConfig | None = None  # with augment_strength applied
+    augment_strength: float = 1.0
+    precision: str = "32"  # 32 | tf32 | bf16 (trainer.precision)
 
     def mlflow_params(self) -> dict[str, Any]:
         a = self.arch
@@ -73,7 +76,9 @@ class TrialSpec:
                 "batch_size": self.batch_size, "max_epochs": self.max_epochs,
                 "optimizer": self.optimizer, "lr_schedule": self.lr_schedule,
                 "weight_decay": self.weight_decay, "label_smoothing": self.label_smoothing,
-                "augment": aug.name if aug else "none", "seed": self.seed}
+                "augment": aug.name if aug else "none",
+                **({"augment_strength": self.augment_strength} if aug else {}),
+                "precision": self.precision, "seed": self.seed}
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -108,15 +113,20 @@ def resolve(cfg: Config, params: dict[str, Any], number: int) -> TrialSpec:
     else:
         chosen = arch(int(params.get("width", m.width)))
     t = cfg.trainer
+    strength = float(params.get("augment_strength", 1.0))
+    a = cfg.augment
+    augment = None if a.name == "none" else dataclasses.replace(
+        a, rotate=a.rotate * strength, translate=a.translate * strength,
+        scale=a.scale * strength, elastic_alpha=a.elastic_alpha * strength)
     return TrialSpec(
         arch=chosen,
         label_smoothing=float(params.get("label_smoothing", t.label_smoothing)),
-        augment=cfg.augment if cfg.augment.name != "none" else None,
+        augment=augment, augment_strength=strength,
         optimizer=t.optimizer, lr_schedule=t.lr_schedule, lr=float(params.get("lr", t.lr)),
         weight_decay=float(params.get("weight_decay", t.weight_decay)),
         batch_size=int(params.get("batch_size", t.batch_size)),
         eval_batch_size=t.eval_batch_size, steps_per_execution=t.steps_per_execution,
-        max_epochs=t.max_epochs,
+        max_epochs=t.max_epochs, precision=t.precision,
         seed=trial_seed(cfg.seed, number))
 
 
@@ -190,9 +200,16 @@ def n_params(module: Classifier) -> int:
     return count_params(module.net)
 
 
-def make_trainer(device: torch.device, max_epochs: int, callback: pl.Callback) -> pl.Trainer:
+def make_trainer(device: torch.device, max_epochs: int, callback: pl.Callback,
+                 precision: str = "32") -> pl.Trainer:
+    # Set both ways every time: torch's defaults differ (cuDNN convolutions are TF32 unless
+    # told otherwise, matmuls are not), and one process may run studies of both precisions.
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     return pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         max_epochs=max_epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[callback])
@@ -206,6 +223,7 @@ def evals(splits: Splits, batch_size: int) -> list[IndexBatches]:
 def fit(module: Classifier, spec: TrialSpec, splits: Splits, on_epoch: EpochHook) -> None:
     train = ShuffledGroups(splits.x_train, splits.y_train, spec.batch_size,
                            spec.steps_per_execution, seed=spec.seed)
-    trainer = make_trainer(splits.x_train.device, spec.max_epochs, _EpochEnd(on_epoch))
+    trainer = make_trainer(splits.x_train.device, spec.max_epochs, _EpochEnd(on_epoch),
+                           spec.precision)
     trainer.fit(module, train_dataloaders=train, val_dataloaders=evals(splits,
                                                                         spec.eval_batch_size))

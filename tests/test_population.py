@@ -1,4 +1,5 @@
-"""search.population: trials of one shape trained together train exactly as they would alone."""
+"""search.population: trials of one shape trained together train as they would alone (MLPs
+exactly; CNNs up to the rounding of grouped vs single convolutions)."""
 
 import dataclasses
 from pathlib import Path
@@ -11,7 +12,7 @@ from mlflow import MlflowClient
 from lightning_modules.metrics import EPOCH_METRICS, VAL_ACC
 from lightning_modules.models import Architecture
 from sweeper import checkpoints, data, keys, population, training
-from sweeper.config import Config, DataConfig, ParamSpec
+from sweeper.config import AugmentConfig, Config, DataConfig, ParamSpec
 from sweeper.keys import ROLE_TAG
 from sweeper.study import run_study
 
@@ -90,7 +91,7 @@ def test_grid_population_is_bucketed_by_shape(tiny_cfg: Config):
     assert [t.user_attrs["population"] for t in study.trials] == [2, 2, 2, 2]
 
 
-def test_population_is_for_mlps_only():
+def test_population_is_for_mlps_and_cnns():
     from sweeper.config import validate
     from sweeper.errors import UserError
 
@@ -100,5 +101,171 @@ def test_population_is_for_mlps_only():
     with pytest.raises(UserError, match=r"search.population=0 must be >= 1"):
         validate(cfg)
     cfg.search.population, cfg.model.family = 4, "cnn"
-    with pytest.raises(UserError, match=r"works for model=mlp without augmentation"):
+    cfg.augment.name, cfg.trainer.label_smoothing = "elastic", 0.1
+    validate(cfg)
+    cfg.model.family = "resnet"
+    with pytest.raises(UserError, match=r"works for model=mlp and model=cnn"):
         validate(cfg)
+    cfg.model.family, cfg.augment.name = "cnn", "none"
+    cfg.search.space["augment_strength"] = ParamSpec("float", low=0.0, high=2.0)
+    with pytest.raises(UserError, match=r"augment_strength scales the augmentation: pick one"):
+        validate(cfg)
+
+
+CNN_ARCH = (4, 8)  # under training.CHANNELS_LAST_MIN: the solo runs stay NCHW like the population
+
+
+def cnn_specs(n: int, epochs: int = 2) -> list[training.TrialSpec]:
+    """n CNN trials of one shape differing in seed, lr, weight decay, dropout, label smoothing
+    and augmentation strength (the last at 0: no augmentation at all)."""
+    aug = AugmentConfig(name="elastic")
+    base = training.TrialSpec(arch=Architecture("cnn", CNN_ARCH, 0.1), optimizer="adam",
+                              lr_schedule="onecycle", lr=3e-3, weight_decay=0.0, batch_size=64,
+                              eval_batch_size=500, steps_per_execution=8, max_epochs=epochs,
+                              seed=5)
+    out = []
+    for i in range(n):
+        k = [1.0, 0.5, 0.0][i % 3]
+        scaled = dataclasses.replace(aug, rotate=aug.rotate * k, translate=aug.translate * k,
+                                     scale=aug.scale * k, elastic_alpha=aug.elastic_alpha * k)
+        out.append(dataclasses.replace(
+            base, seed=5 + i, lr=3e-3 * (i + 1), weight_decay=[0, 1e-4, 0][i % 3],
+            label_smoothing=[0.1, 0.0, 0.05][i % 3], augment=scaled, augment_strength=k,
+            arch=Architecture("cnn", CNN_ARCH, [0.1, 0.0, 0.3][i % 3])))
+    return out
+
+
+def test_members_are_augmented_exactly_as_alone():
+    from lightning_modules.augment import BatchAugment, warp_members
+
+    def augs():
+        return [BatchAugment(10 * k, 0.1 * k, 0.1 * k, 34 * k, 4.0, seed=s)
+                for k, s in [(1.0, 1), (0.5, 2), (0.0, 3)]]
+
+    together, alone = augs(), augs()
+    x = torch.rand(3, 16, 1, 28, 28)
+    for _ in range(2):  # the second batch: each generator moved on as its solo one does
+        got = warp_members(together, x)
+        for i in range(3):
+            assert torch.equal(got[i], alone[i](x[i])), i
+    assert not torch.equal(got[0], got[1])
+
+
+def test_cnn_member_step_matches_its_solo_step(splits):
+    specs = [dataclasses.replace(s, arch=dataclasses.replace(s.arch, dropout=0.0))
+             for s in cnn_specs(3)]  # no dropout: one step compares without random masks
+    pop = population.build_population(specs, splits)
+    solos = [training.build(s, splits) for s in specs]
+    x = splits.x_train[:64 * 3].view(3, 64, 1, 28, 28)
+    y = splits.y_train[:64 * 3].view(3, 64)
+    pop.net.eval()
+    shared = pop.net.forward_shared(x[0])
+    pop.net.train()
+    logits = pop.net(x)
+    pop._loss(logits, y).sum().backward()
+    for i, solo in enumerate(solos):
+        solo.net.eval()
+        assert torch.allclose(shared[i], solo.net(x[0]), atol=1e-5)
+        solo.net.train()
+        out = solo.net(x[i])
+        assert torch.allclose(logits[i], out, atol=1e-5)
+        torch.nn.functional.cross_entropy(out, y[i],
+                                          label_smoothing=specs[i].label_smoothing).backward()
+        for key, p in solo.net.named_parameters():
+            g = getattr(pop.net, key.replace(".", "__")).grad[i]
+            assert torch.allclose(g, p.grad, rtol=1e-3, atol=1e-4), (i, key)
+        state = pop.net.member_state(i)
+        for key, v in solo.net.state_dict().items():  # batch-norm statistics included
+            assert torch.allclose(state[key].to(v.dtype), v, atol=1e-6), (i, key)
+
+
+def test_cnn_member_trains_as_its_solo_trial(splits):
+    specs = cnn_specs(3)
+    pop = population.build_population(specs, splits)
+    population.fit_population(pop, specs, splits, lambda epoch, m: {1} if epoch == 1 else set())
+    assert [len(h) for h in pop.history] == [2, 1, 2]
+    for i, spec in enumerate(specs):
+        solo = training.build(spec, splits)
+        training.fit(solo, spec, splits, lambda epoch, m: False)
+        for ep, member in enumerate(pop.history[i]):
+            # Rounding (grouped convolutions) grows over 2 epochs; a wrong lr, mask, label
+            # smoothing or augmentation moves these by far more.
+            for k in (VAL_ACC, "train_acc"):
+                assert member[k] == pytest.approx(solo.history[ep][k], abs=0.006), (i, ep, k)
+            for k in ("val_loss", "train_loss"):
+                assert member[k] == pytest.approx(solo.history[ep][k], abs=0.01), (i, ep, k)
+        if i != 1:  # a member's weights come out as a plain CNN with its recorded accuracy
+            net = population.member_net(pop, i, spec, splits)
+            assert training.accuracy(net, splits.x_val, splits.y_val) == pytest.approx(
+                pop.history[i][-1][VAL_ACC], abs=1e-9)
+    assert pop.history[0] != pop.history[2]
+
+
+def test_cnn_population_study_and_its_seed_repeats(tiny_cfg: Config, splits):
+    tiny_cfg.model.family, tiny_cfg.model.depth, tiny_cfg.model.width = "cnn", 2, 4
+    tiny_cfg.augment.name = "affine"
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
+    tiny_cfg.search.pruner = "none"
+    tiny_cfg.search.space = {
+        "lr": ParamSpec("float", low=1e-3, high=5e-3, log=True),
+        "augment_strength": ParamSpec("float", low=0.0, high=1.5),
+        "label_smoothing": ParamSpec("float", low=0.0, high=0.2)}
+    tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 3, 1
+    study = run_study(tiny_cfg)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.user_attrs["population"] for t in study.trials] == [2, 2]
+    best = study.best_trial
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    exp = client.get_experiment_by_name("tiny")
+    repeats = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'repeat'")
+    # The best trial's 2 repeats trained as one population, each its own run and seed.
+    assert len(repeats) == 2
+    assert {r.data.params["population"] for r in repeats} == {"2"}
+    assert len({r.data.params["seed"] for r in repeats}) == 2
+    assert {r.data.params["augment_strength"] for r in repeats} == {
+        str(best.params["augment_strength"])}
+    for k in (1, 2):
+        record = study.user_attrs[f"{keys.REPEAT}.{best.number}.{k}"]
+        assert VAL_ACC in record, record
+        # The kept weights of each repeat reproduce its recorded validation accuracy.
+        path = checkpoints.repeat_path(Path(best.user_attrs[keys.CHECKPOINT]), k)
+        net, _ = checkpoints.load(path)
+        assert training.accuracy(net, splits.x_val, splits.y_val) == pytest.approx(
+            record[VAL_ACC], abs=1e-9)
+
+
+def test_a_population_larger_than_memory_is_split(tiny_cfg: Config, monkeypatch):
+    monkeypatch.setattr(population, "_CAPACITY", {})
+    seen: list[int] = []
+    real = population.member_bytes
+
+    def measured(spec, splits):
+        seen.append(spec.batch_size)
+        return real(spec, splits)
+
+    monkeypatch.setattr(population, "member_bytes", measured)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 5, 5
+    tiny_cfg.search.pruner = "none"
+    tiny_cfg.search.space = {"lr": ParamSpec("float", low=1e-4, high=3e-3, log=True)}
+    spec = training.resolve(tiny_cfg, {}, 0)
+    splits_ = data.make_splits(data.load(tiny_cfg.data), 1000, 0, torch.device("cpu"))
+    per_member = real(spec, splits_)
+    # Free memory for 2.5 members: the 5 asked together train as 3 populations (2, 2, 1).
+    monkeypatch.setattr(population, "free_bytes",
+                        lambda device: int(2.5 * per_member / population.MEMORY_SHARE))
+    study = run_study(tiny_cfg)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 5
+    assert sorted(t.user_attrs["population"] for t in study.trials) == [1, 2, 2, 2, 2]
+    assert seen == [spec.batch_size]  # measured once per shape
+
+
+def test_member_memory_estimate_grows_with_what_it_holds(splits):
+    spec = cnn_specs(1)[0]
+    small = population.member_bytes(spec, splits)
+    assert population.member_bytes(dataclasses.replace(spec, batch_size=256), splits) > small
+    assert population.member_bytes(dataclasses.replace(spec, eval_batch_size=5000),
+                                   splits) > small
+    wider = dataclasses.replace(spec, arch=dataclasses.replace(spec.arch, hidden=(16, 32)))
+    assert population.member_bytes(wider, splits) > 2 * small
+    # At least the activations one 64-image batch keeps: conv1's output, 4 x 28 x 28 floats.
+    assert small > 64 * 4 * 28 * 28 * 4

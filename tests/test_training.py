@@ -58,3 +58,29 @@ def test_grouping_does_not_change_training_and_seeds_reproduce():
 def test_trial_seed_depends_on_study_seed_and_trial_number():
     seeds = {training.trial_seed(s, n) for s in range(3) for n in range(50)}
     assert len(seeds) == 150
+
+
+def test_precision_setting_reaches_the_trainer():
+    import dataclasses
+
+    import lightning.pytorch as pl
+
+    cb = pl.Callback()
+    trainer = training.make_trainer(torch.device("cpu"), 1, cb, "tf32")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # "32" means float32 on GPUs too: cuDNN's TF32 default for convolutions is turned off.
+    trainer = training.make_trainer(torch.device("cpu"), 1, cb, "32")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert trainer.precision == "32-true"
+    # bf16 autocast trains (here on the CPU) to far above chance.
+    splits = data.make_splits(data.load(DataConfig(name="mnist_sample")), 1000, 0,
+                              torch.device("cpu"))
+    spec = training.TrialSpec(arch=Architecture("mlp", (64,), 0.0), optimizer="adam",
+                              lr_schedule="constant", lr=1e-3, weight_decay=0.0, batch_size=64,
+                              eval_batch_size=500, steps_per_execution=8, max_epochs=1, seed=1,
+                              precision="bf16")
+    module = training.build(spec, splits)
+    training.fit(module, spec, splits, lambda e, m: False)
+    assert module.trainer.precision == "bf16-mixed"
+    assert module.history[-1][VAL_ACC] > 0.8
+    assert dataclasses.replace(spec, precision="32").mlflow_params()["precision"] == "32"
