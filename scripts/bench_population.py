@@ -1,13 +1,23 @@
-"""Population training throughput: trials per minute one at a time vs `search.population=N`.
+"""Population training throughput: trials per minute one at a time vs `search.population=N`,
+and how far each mode is from the device's limit.
 
-Both modes run whole studies through Optuna + Lightning + MLflow (SQLite stores in a temp dir)
-on the same data: 784-512-512-10 MLPs, dropout 0.2, Adam lr 1e-3 with cosine decay, batch 128,
-the same number of epochs; trials differ only by seed, so their accuracies compare directly
-(mean ± std). Prints trials/minute, seconds per epoch (one trial's, or the whole population's),
-time spent in MLflow/Optuna bookkeeping, and GPU utilisation (NVML, sampled every 50 ms).
+Every mode runs a whole study through Optuna + Lightning + MLflow (SQLite stores in a temp dir)
+on the same data; trials differ only by seed, so their accuracies compare directly (mean ±
+std). Families (--family):
+  mlp   784-512-512-10, dropout 0.2, Adam 1e-3 with cosine decay, batch 128 (full MNIST)
+  cnn   cnn_best's network and recipe: 32-32-64-64 conv blocks, batch norm, dropout 0.3,
+        affine augmentation, one-cycle Adam 3e-3, label smoothing 0.1, batch 128 (full MNIST)
+  tiny  784-16-10 on the embedded 4k sample, 1 epoch: almost no compute, so the table shows
+        what each trial costs in bookkeeping (Optuna, MLflow, checkpoints) as N grows
+Per mode: trials/min, s/epoch (one trial's, or the whole population's), achieved TFLOP/s (the
+matmul and convolution FLOPs of training and evaluation, counted by torch's FlopCounterMode on
+one member, times the trials, over the wall time) against the peak measured in the same run
+(a large matmul in that precision) and the datasheet's, peak GPU memory against the
+population's memory estimate (sweeper/population.py), time in MLflow writes, GPU utilisation
+(NVML, every 50 ms).
 
-    python scripts/bench_population.py --root ../shared/data/mnist --epochs 10 --solo 8 \
-        --population 64
+    python scripts/bench_population.py --family mlp --epochs 10 --solo 8 --population 64 256 \
+        --precision 32 tf32 bf16
 """
 
 import argparse
@@ -18,11 +28,20 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules.metrics import VAL_ACC
-from sweeper import data, tracking
+from lightning_modules.models import build_model
+from sweeper import data, population, tracking, training
 from sweeper.config import Config, DataConfig, ParamSpec
 from sweeper.study import run_study
+
+# Dense TFLOP/s by precision, from NVIDIA's datasheets (no sparsity), by device-name substring.
+DATASHEET = {"H100 PCIe": {"32": 51, "tf32": 378, "bf16": 756},
+             "H100": {"32": 67, "tf32": 495, "bf16": 989},  # SXM
+             "H200": {"32": 67, "tf32": 495, "bf16": 989},
+             "A100": {"32": 19.5, "tf32": 156, "bf16": 312}}
 
 
 class GpuUtil:
@@ -75,63 +94,160 @@ for _name in ("start_trial", "log_metrics", "end_trial"):  # MLflow writes, per 
     setattr(tracking.Tracker, _name, _timed(getattr(tracking.Tracker, _name)))
 
 
-def study(splits: data.Splits, store: Path, name: str, epochs: int, n_trials: int,
-          population: int) -> dict:
+def config(family: str, store: Path, name: str, epochs: int, n_trials: int, population: int,
+           precision: str) -> Config:
     cfg = Config(name=name)
     cfg.search.study_name, cfg.search.n_trials, cfg.search.pruner = name, n_trials, "none"
     cfg.search.population = population
     cfg.search.storage = f"sqlite:///{store}/optuna.db"
     cfg.tracking.uri = f"sqlite:///{store}/mlflow.db"
     cfg.search.keep_top_k = 1
-    cfg.trainer.max_epochs = epochs
-    cfg.search.space = {"depth": ParamSpec("categorical", choices=[2]),
-                        "width": ParamSpec("categorical", choices=[512]),
-                        "dropout": ParamSpec("categorical", choices=[0.2])}
-    BOOKKEEPING["s"] = 0.0
-    if torch.cuda.is_available():
+    cfg.trainer.max_epochs, cfg.trainer.precision = epochs, precision
+    if family == "cnn":
+        cfg.model.family, cfg.model.depth, cfg.model.width, cfg.model.dropout = "cnn", 4, 32, 0.3
+        cfg.augment.name = "affine"
+        cfg.trainer.lr_schedule, cfg.trainer.lr, cfg.trainer.label_smoothing = "onecycle", 3e-3, 0.1
+        cfg.trainer.eval_batch_size = 1000
+        cfg.search.space = {"depth": ParamSpec("categorical", choices=[4])}
+    else:
+        depth, width = (1, 16) if family == "tiny" else (2, 512)
+        cfg.search.space = {"depth": ParamSpec("categorical", choices=[depth]),
+                            "width": ParamSpec("categorical", choices=[width]),
+                            "dropout": ParamSpec("categorical", choices=[0.2])}
+    return cfg
+
+
+def spec_of(cfg: Config) -> training.TrialSpec:
+    """The trials' configuration (the space holds one choice per parameter)."""
+    params = {k: p.choices[0] for k, p in cfg.search.space.items() if p.choices}
+    return training.resolve(cfg, params, 0)
+
+
+def trial_flops(cfg: Config, splits: data.Splits) -> float:
+    """Matmul/convolution FLOPs of one trial: every training step forward + backward, and each
+    epoch's evaluation (validation set + train subset), counted on one network."""
+    spec = spec_of(cfg)
+    net = build_model(spec.arch, splits.in_shape, splits.n_classes).to(splits.x_train.device)
+    b = spec.batch_size
+    x, y = splits.x_train[:b], splits.y_train[:b]
+    with FlopCounterMode(display=False) as train:
+        F.cross_entropy(net(x), y).backward()
+    with FlopCounterMode(display=False) as evaluation, torch.no_grad():
+        net.eval()(x)
+    steps = -(-len(splits.y_train) // b)
+    per_image_eval = evaluation.get_total_flops() / b
+    n_eval = len(splits.y_val) + len(splits.y_train_eval)
+    return spec.max_epochs * (steps * train.get_total_flops() + n_eval * per_image_eval)
+
+
+def matmul_peak(device: torch.device, precision: str) -> float:
+    """TFLOP/s of a large square matmul in this precision: the most this device does here."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ a
+    reps = 20 if device.type == "cuda" else 5
+    if device.type == "cuda":
         torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def study(cfg: Config, splits: data.Splits) -> dict:
+    BOOKKEEPING["s"] = 0.0
+    cuda = splits.x_train.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with GpuUtil() as util:
         s = run_study(cfg, splits=splits)
     wall = time.perf_counter() - t0
-    accs = [t.user_attrs[VAL_ACC] for t in s.trials if t.value is not None]
-    seconds = [t.user_attrs["seconds"] for t in s.trials if t.value is not None]
+    done = [t for t in s.trials if t.value is not None]
+    accs = [t.user_attrs[VAL_ACC] for t in done]
+    seconds = [t.user_attrs["seconds"] for t in done]
     # A trial's "seconds" is its own fit; a population member's is the whole population's.
     return {"wall": wall, "trials": len(accs), "per_min": 60 * len(accs) / wall,
-            "epoch_s": statistics.median(seconds) / epochs, "acc": accs,
-            "bookkeeping": BOOKKEEPING["s"], "util": util.mean}
+            "epoch_s": statistics.median(seconds) / cfg.trainer.max_epochs, "acc": accs,
+            "bookkeeping": BOOKKEEPING["s"], "util": util.mean,
+            "mem": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=["mlp", "cnn", "tiny"], default="mlp")
     ap.add_argument("--root", default="../shared/data/mnist")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--solo", type=int, default=8, help="trials run one at a time")
+    ap.add_argument("--train-size", type=int, default=None, help="first N training images")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 10 (tiny: 1)")
+    ap.add_argument("--solo", type=int, default=8, help="trials run one at a time (0: none)")
     ap.add_argument("--population", type=int, nargs="+", default=[64])
+    ap.add_argument("--precision", nargs="+", default=["32"], choices=["32", "tf32", "bf16"],
+                    help="precisions of the population modes (one at a time: the first)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = data.make_splits(data.load(DataConfig(name="mnist", root=args.root,
-                                                   fallback_to_sample=False)), 10_000, 0, device)
+    epochs = args.epochs or (1 if args.family == "tiny" else 10)
+    if args.family == "tiny":
+        dcfg, val = DataConfig(name="mnist_sample"), 1000
+    else:
+        dcfg = DataConfig(name="mnist", root=args.root, fallback_to_sample=False)
+        dcfg.train_size, val = args.train_size, 10_000
+    splits = data.make_splits(data.load(dcfg), val, 0, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"data {splits.describe()}; device {name}; torch {torch.__version__}", flush=True)
+    sheet = next((v for k, v in DATASHEET.items() if k in name), None)
+    peaks = {p: matmul_peak(device, p) for p in dict.fromkeys(args.precision[:1] + args.precision)}
+    flops = trial_flops(config(args.family, Path("."), "x", epochs, 1, 1, "32"), splits)
+    print(f"{flops / 1e12:.3f} TFLOP per trial ({args.family}, {epochs} epochs); matmul peak "
+          "measured here: " + ", ".join(f"{p} {v:.1f}" for p, v in peaks.items())
+          + " TFLOP/s" + (f"; datasheet: {sheet}" if sheet else ""), flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        study(splits, Path(tmp), "warmup", 1, 2, 2)  # CUDA/cuBLAS init, stores created
-        rows = [("one at a time", study(splits, Path(tmp), "solo", args.epochs, args.solo, 1))]
-        for p in args.population:
-            rows.append((f"population={p}",
-                         study(splits, Path(tmp), f"pop{p}", args.epochs, p, p)))
-    base = rows[0][1]["per_min"]
-    print(f"\n{args.epochs} epochs per trial, 784-512-512-10, batch 128, 50k MNIST, {name}")
-    print("| mode | trials | wall s | trials/min | speed-up | s/epoch | bookkeeping s | "
+        def run(label: str, n: int, size: int, precision: str) -> None:
+            cfg = config(args.family, Path(tmp), label.replace(" ", "_").replace("=", ""),
+                         epochs, n, size, precision)
+            estimate = None
+            if size > 1:
+                spec = spec_of(cfg)
+                estimate = min(size, population.capacity(spec, splits)) * \
+                    population.member_bytes(spec, splits) / 2**30
+            r = study(cfg, splits)
+            r["estimate"] = estimate
+            rows.append((label, precision, r))
+            print(f"  {label} ({precision}): {r['per_min']:.1f} trials/min", flush=True)
+
+        # CUDA/cuBLAS init and stores created before anything is timed
+        study(config(args.family, Path(tmp), "warmup", 1, 2, 2, args.precision[0]), splits)
+        if args.solo:
+            run("one at a time", args.solo, 1, args.precision[0])
+        for size in args.population:
+            for precision in args.precision:
+                run(f"population={size}", size, size, precision)
+    base = rows[0][2]["per_min"]
+    print(f"\n{args.family}: {epochs} epochs per trial, {splits.describe()}, {name}")
+    print("| mode | precision | trials | wall s | trials/min | speed-up | s/epoch | TFLOP/s | "
+          "% of measured peak | % of datasheet | GPU mem GiB (estimate) | MLflow writes s | "
           "GPU util % | val acc % (mean ± std) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for label, r in rows:
+    print("| --- " * 14 + "|")
+    for label, precision, r in rows:
         acc = [100 * a for a in r["acc"]]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        achieved = r["trials"] * flops / r["wall"] / 1e12
         util = "n/a" if r["util"] is None else f"{r['util']:.0f}"
-        print(f"| {label} | {r['trials']} | {r['wall']:.1f} | {r['per_min']:.1f} | "
-              f"{r['per_min'] / base:.1f}x | {r['epoch_s']:.2f} | {r['bookkeeping']:.1f} | "
-              f"{util} | {statistics.fmean(acc):.2f} ± {sd:.2f} |", flush=True)
+        mem = "n/a" if r["mem"] is None else f"{r['mem']:.1f}"
+        if r["estimate"] is not None:
+            mem += f" ({r['estimate']:.1f})"
+        datasheet = f"{100 * achieved / sheet[precision]:.1f}" if sheet else "n/a"
+        print(f"| {label} | {precision} | {r['trials']} | {r['wall']:.1f} | {r['per_min']:.1f} "
+              f"| {r['per_min'] / base:.1f}x | {r['epoch_s']:.2f} | {achieved:.2f} | "
+              f"{100 * achieved / peaks[precision]:.1f} | {datasheet} | {mem} | "
+              f"{r['bookkeeping']:.1f} | {util} | {statistics.fmean(acc):.2f} ± {sd:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,14 @@ def folder(cfg: Config) -> Path:
     return Path(base) / cfg.search.study_name
 
 
+def path_of(cfg: Config, number: int) -> Path:
+    """Absolute: export finds it from any folder."""
+    return (folder(cfg) / f"trial-{number:03d}.pt").resolve()
+
+
 def save(cfg: Config, number: int, net: torch.nn.Module, arch: Architecture, splits: Splits,
          metrics: dict[str, float]) -> Path:
-    """Returns the absolute path: export finds it from any folder."""
-    return save_to((folder(cfg) / f"trial-{number:03d}.pt").resolve(), number, net, arch,
-                   splits, metrics)
+    return save_to(path_of(cfg, number), number, net, arch, splits, metrics)
 
 
 def repeat_path(trial_checkpoint: Path, k: int) -> Path:

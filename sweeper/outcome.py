@@ -30,8 +30,11 @@ AnyTrial = optuna.Trial | FrozenTrial
 def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Splits,
              tracker: Tracker, run_id: str | None, arch: Architecture | None,
              history: list[dict[str, float]], net: torch.nn.Module | None, pruned: bool,
-             error: str | None, seconds: float) -> FrozenTrial:
-    """Tell Optuna how the trial ended, keep its weights if it is among the best, end its run."""
+             error: str | None, seconds: float, save_weights: bool = True,
+             drop_weights: bool = True) -> FrozenTrial:
+    """Tell Optuna how the trial ended, keep its weights if it is among the best, end its run.
+    A population decides once for all its members: save_weights=False for members outside the
+    top k (their file is never written), drop_weights=False (keep_top_k runs once after)."""
     summary: dict[str, float] = {EPOCHS_RUN: len(history)}
     if history:
         best = max(range(len(history)), key=lambda i: history[i][VAL_ACC])
@@ -55,14 +58,18 @@ def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Spli
                                    trial.user_attrs.get(keys.N_PARAMS, 0))
         # Weights first, so a kept trial always has its file; then drop those out of the top k.
         assert net is not None and arch is not None
-        path = checkpoints.save(cfg, trial.number, net, arch, splits, history[-1])
-        trial.set_user_attr(keys.CHECKPOINT, str(path))
+        path = checkpoints.path_of(cfg, trial.number)
+        if save_weights:
+            checkpoints.save(cfg, trial.number, net, arch, splits, history[-1])
+        trial.set_user_attr(keys.CHECKPOINT, str(path))  # where it is or would have been
         study.tell(trial, values)
-        checkpoints.keep_top_k(study, cfg.search.keep_top_k)
+        if drop_weights:
+            checkpoints.keep_top_k(study, cfg.search.keep_top_k)
         state = "COMPLETE"
     if run_id is not None:
         tracker.end_trial(run_id, state, summary, error=error)
-    return study.get_trials(deepcopy=False)[trial.number]
+    # One trial read (all trials would be O(running trials) with Optuna's cached storage).
+    return study._storage.get_trial(trial._trial_id)
 
 
 def fail_if_running(study: optuna.Study, trial: AnyTrial) -> bool:

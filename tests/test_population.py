@@ -13,6 +13,7 @@ from lightning_modules.metrics import EPOCH_METRICS, VAL_ACC
 from lightning_modules.models import Architecture
 from sweeper import checkpoints, data, keys, population, training
 from sweeper.config import AugmentConfig, Config, DataConfig, ParamSpec
+from sweeper.errors import UserError
 from sweeper.keys import ROLE_TAG
 from sweeper.study import run_study
 
@@ -93,7 +94,6 @@ def test_grid_population_is_bucketed_by_shape(tiny_cfg: Config):
 
 def test_population_is_for_mlps_and_cnns():
     from sweeper.config import validate
-    from sweeper.errors import UserError
 
     cfg = Config()
     cfg.search.space = {"width": ParamSpec("int", low=16, high=32)}
@@ -269,3 +269,54 @@ def test_member_memory_estimate_grows_with_what_it_holds(splits):
     assert population.member_bytes(wider, splits) > 2 * small
     # At least the activations one 64-image batch keeps: conv1's output, 4 x 28 x 28 floats.
     assert small > 64 * 4 * 28 * 28 * 4
+
+
+def test_later_populations_are_pruned_against_finished_trials(tiny_cfg: Config):
+    """Members read the study through one snapshot per ask phase and per epoch: the pruner
+    must still see the trials that finished before (here the first population)."""
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 4, 8
+    tiny_cfg.search.sampler, tiny_cfg.search.pruner = "random", "median"
+    tiny_cfg.search.pruner_startup_trials, tiny_cfg.search.pruner_warmup_epochs = 1, 0
+    tiny_cfg.trainer.max_epochs = 3
+    tiny_cfg.search.space = {"lr": ParamSpec("float", low=1e-5, high=1e-2, log=True)}
+    study = run_study(tiny_cfg)
+    states = [t.state for t in study.trials]
+    assert states[:4] == [optuna.trial.TrialState.COMPLETE] * 4  # nothing to compare with yet
+    assert optuna.trial.TrialState.PRUNED in states[4:], states
+    # Constant liar and the sampler saw each other member: 8 different learning rates.
+    assert len({t.params["lr"] for t in study.trials}) == 8
+
+
+def test_a_population_writes_only_the_weights_it_keeps(tiny_cfg: Config, monkeypatch):
+    saved: list[int] = []
+    real = checkpoints.save
+
+    def save(cfg, number, *args):
+        saved.append(number)
+        return real(cfg, number, *args)
+
+    monkeypatch.setattr(checkpoints, "save", save)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 5, 5
+    tiny_cfg.search.pruner, tiny_cfg.search.keep_top_k = "none", 2
+    tiny_cfg.search.space = {"lr": ParamSpec("float", low=1e-4, high=3e-3, log=True)}
+    study = run_study(tiny_cfg)
+    best = sorted(study.trials, key=lambda t: (-t.value, t.number))[:2]
+    assert sorted(saved) == sorted(t.number for t in best)  # 2 files written, not 5
+    for t in study.trials:  # every complete trial says where its weights are (or would be)
+        assert Path(t.user_attrs[keys.CHECKPOINT]).is_file() == (t in best)
+
+
+def test_a_refused_metrics_write_fails_the_population(tiny_cfg: Config, monkeypatch):
+    from sweeper.tracking import Tracker
+
+    def refuse(self, run_id, metrics, step):
+        raise RuntimeError("the store refused the write")
+
+    monkeypatch.setattr(Tracker, "log_metrics", refuse)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
+    tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 2
+    with pytest.raises(UserError, match="2 trials failed in a row"):
+        run_study(tiny_cfg)
+    study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("the store refused the write" in t.user_attrs[keys.ERROR] for t in study.trials)
