@@ -195,9 +195,8 @@ def main() -> None:
     if args.family == "tiny":
         dcfg, val = DataConfig(name="mnist_sample"), 1000
     else:
-        dcfg = DataConfig(name="mnist", root=args.root, fallback_to_sample=False)
-        dcfg.train_size, val = args.train_size, 10_000
-    splits = data.make_splits(data.load(dcfg), val, 0, device)
+        dcfg, val = DataConfig(name="mnist", root=args.root, fallback_to_sample=False), 10_000
+    splits = data.make_splits(data.load(dcfg), val, 0, device, args.train_size)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"data {splits.describe()}; device {name}; torch {torch.__version__}", flush=True)
     sheet = next((v for k, v in DATASHEET.items() if k in name), None)
@@ -228,12 +227,15 @@ def main() -> None:
         for size in args.population:
             for precision in args.precision:
                 run(f"population={size}", size, size, precision)
-    base = rows[0][2]["per_min"]
+    base = rows[0][2]["per_min"] if rows[0][0] == "one at a time" else None
     print(f"\n{args.family}: {epochs} epochs per trial, {splits.describe()}, {name}")
     print("| mode | precision | trials | wall s | trials/min | speed-up | s/epoch | TFLOP/s | "
           "% of measured peak | % of datasheet | GPU mem GiB (estimate) | MLflow writes s | "
           "GPU util % | val acc % (mean ± std) |")
     print("| --- " * 14 + "|")
+    def speedup(r: dict) -> str:
+        return f"{r['per_min'] / base:.1f}x" if base else "n/a"
+
     for label, precision, r in rows:
         acc = [100 * a for a in r["acc"]]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
@@ -244,7 +246,7 @@ def main() -> None:
             mem += f" ({r['estimate']:.1f})"
         datasheet = f"{100 * achieved / sheet[precision]:.1f}" if sheet else "n/a"
         print(f"| {label} | {precision} | {r['trials']} | {r['wall']:.1f} | {r['per_min']:.1f} "
-              f"| {r['per_min'] / base:.1f}x | {r['epoch_s']:.2f} | {achieved:.2f} | "
+              f"| {speedup(r)} | {r['epoch_s']:.2f} | {achieved:.2f} | "
               f"{100 * achieved / peaks[precision]:.1f} | {datasheet} | {mem} | "
               f"{r['bookkeeping']:.1f} | {util} | {statistics.fmean(acc):.2f} ± {sd:.2f} |",
               flush=True)

@@ -128,10 +128,23 @@ def run(study: optuna.Study, asked: list[tuple[optuna.Trial, dict[str, Any]]], c
         groups.setdefault(shape_key(spec), []).append(i)
     members = [Member(trial, spec) for (trial, _), spec in zip(asked, specs, strict=True)]
     done: list[optuna.trial.FrozenTrial] = []
+    slow_here(specs[0], splits)
     for rows in groups.values():
         for part in split(rows, capacity(specs[rows[0]], splits)):
             done += _train(study, [members[i] for i in part], cfg, splits, tracker, parent)
     return done
+
+
+_WARNED: set[str] = set()
+
+
+def slow_here(spec: training.TrialSpec, splits: Splits) -> None:
+    """Say once that CNN populations do not pay on a CPU (measured, docs/scale-out.md)."""
+    if spec.arch.family == "cnn" and splits.x_train.device.type == "cpu" and "cnn" not in _WARNED:
+        _WARNED.add("cnn")
+        print("  note: on a CPU a CNN population trains ~1.8x slower than its members one at a "
+              "time (grouped convolutions; measured with scripts/bench_population.py "
+              "--family cnn); it is meant for GPUs", flush=True)
 
 
 # Memory: a population never plans for more than this share of the free device memory.

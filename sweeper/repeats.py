@@ -130,6 +130,7 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
         step = 1
         if size > 1 and spec.arch.family in POPULATION_FAMILIES and len(ks) > 1:
             step = min(size, population.capacity(spec, splits))
+            population.slow_here(spec, splits)
         for i in range(0, len(ks), step):
             claimed = []
             with lock():  # claim them: workers finishing together split the repeats
