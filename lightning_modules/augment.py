@@ -78,7 +78,7 @@ def elastic_field(d: torch.Tensor, alpha: Strength, sigma: float,
     d = _blur(h, sigma, x) @ d @ _blur(w, sigma, x).T
     a = alpha if isinstance(alpha, float | int) else alpha.view(-1, 1, 1, 1)
     # pixels -> grid units ([-1, 1] spans the image)
-    d = d * a * torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype).view(1, 2, 1, 1)
+    d = d * a * _units(h, w, x)
     return d.permute(0, 2, 3, 1)
 
 
@@ -89,28 +89,46 @@ def sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
                          align_corners=False) + bg
 
 
-def warp_members(augments: list[BatchAugment], x: torch.Tensor) -> torch.Tensor:
+def strengths(augments: list[BatchAugment], like: torch.Tensor) -> torch.Tensor:
+    """[N, 4]: each member's rotate (radians), translate, scale and elastic alpha, on like's
+    device. Made once per population (and after members stop), not per step: building a
+    device tensor from Python numbers waits for the GPU."""
+    return torch.tensor([[math.radians(a.rotate), a.translate, a.scale, a.alpha]
+                         for a in augments], device=like.device, dtype=like.dtype)
+
+
+def warp_members(augments: list[BatchAugment], x: torch.Tensor,
+                 strength: torch.Tensor | None = None) -> torch.Tensor:
     """Population: x [N, B, c, h, w], member i augmented by augments[i] (its own generator and
-    strength, the draws its solo trial makes) in one batched warp. Members share sigma."""
+    strength, the draws its solo trial makes) in one batched warp. Members share sigma.
+    strength: `strengths(augments, x)`, made once by the caller."""
     n, b = x.shape[:2]
+    if strength is None:
+        strength = strengths(augments, x)
     draws = [a.draw(b, x[i]) for i, a in enumerate(augments)]
     u = torch.cat([u for u, _ in draws])
     d = None
     if any(d is not None for _, d in draws):  # a member without elastic (alpha 0) adds 0
         d = torch.cat([torch.zeros(b, 2, *x.shape[-2:], device=x.device, dtype=x.dtype)
                        if d is None else d for _, d in draws])
-
-    def per_image(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, device=x.device, dtype=x.dtype).repeat_interleave(b)
-
-    out = warp(x.reshape(n * b, *x.shape[2:]), u, d,
-               per_image([math.radians(a.rotate) for a in augments]),
-               per_image([a.translate for a in augments]), per_image([a.scale for a in augments]),
-               per_image([a.alpha for a in augments]), augments[0].sigma)
+    per_image = strength.repeat_interleave(b, dim=0)  # [N * B, 4]
+    out = warp(x.reshape(n * b, *x.shape[2:]), u, d, per_image[:, 0], per_image[:, 1],
+               per_image[:, 2], per_image[:, 3], augments[0].sigma)
     return out.view(x.shape)
 
 
 _BLURS: dict[tuple[int, float, torch.device, torch.dtype], torch.Tensor] = {}
+_UNITS: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _units(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """Pixels -> grid units per displacement channel, [1, 2, 1, 1]; cached per device (made
+    from Python numbers, it would wait for the GPU on every batch)."""
+    key = (h, w, like.device, like.dtype)
+    if key not in _UNITS:
+        _UNITS[key] = torch.tensor([2 / w, 2 / h], device=like.device,
+                                   dtype=like.dtype).view(1, 2, 1, 1)
+    return _UNITS[key]
 
 
 def _blur(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:

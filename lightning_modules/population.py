@@ -4,8 +4,8 @@ Member i has its own weights (stacked along dim 0), learning rate, weight decay,
 smoothing, augmentation strength, seed, batch order and dropout masks; members never interact
 (the loss is a sum of per-member losses). MLPs: N small matmuls fused into one `bmm` per layer.
 CNNs: the N members' channels side by side, [B, N*C, H, W], each convolution a grouped
-convolution with N groups (what `torch.func.vmap` makes of a convolution too; measured 1.3x
-faster than vmap on the CPU, scripts/bench_population.py), batch norm per channel = per member.
+convolution with N groups (what `torch.func.vmap` makes of a convolution too; about even with
+vmap on the CPU, scripts/bench_grouped_conv.py), batch norm per channel = per member.
 That is what fills a GPU that one small network leaves idle.
 
 On CPU an MLP member reproduces the solo trial (`Classifier` + `MLP`, same seed) op for op: the
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules import dropout
-from lightning_modules.augment import BatchAugment, warp_members
+from lightning_modules.augment import BatchAugment, strengths, warp_members
 from lightning_modules.cnn import CNN
 from lightning_modules.metrics import GAP, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 from lightning_modules.mlp import MLP
@@ -283,6 +283,9 @@ class PopulationClassifier(pl.LightningModule):
         self.net = net
         self.label_smoothings = list(label_smoothings or [0.0] * len(net))
         self.augments = list(augments) if augments else None
+        # Per-member values as device tensors, made on first use and again after stop().
+        self._strength: torch.Tensor | None = None
+        self._eps: torch.Tensor | None = None
         self.optimizer_name = optimizer
         self.lrs, self.weight_decays = list(lrs), list(weight_decays)
         self.lr_schedule, self.total_steps, self.steps_done = lr_schedule, total_steps, 0
@@ -304,7 +307,9 @@ class PopulationClassifier(pl.LightningModule):
         for x, y in batch:  # x: [N, B, ...], y: [N, B]
             factor = lr_factor(self.lr_schedule, self.steps_done / max(self.total_steps, 1))
             if self.augments is not None:
-                x = warp_members(self.augments, x)
+                if self._strength is None:
+                    self._strength = strengths(self.augments, x)
+                x = warp_members(self.augments, x, self._strength)
             logits = self.net(x)
             # Sum of per-member mean losses: each member's gradient is its own loss's.
             self.manual_backward(self._loss(logits, y).sum())
@@ -323,8 +328,9 @@ class PopulationClassifier(pl.LightningModule):
         logp = F.log_softmax(flat, 1)
         nll = -logp.gather(1, target.unsqueeze(1)).view(n, b)
         smooth = -logp.mean(1).view(n, b)
-        e = torch.tensor(eps, device=logits.device, dtype=logits.dtype).view(n, 1)
-        return ((1 - e) * nll + e * smooth).mean(1)
+        if self._eps is None:
+            self._eps = torch.tensor(eps, device=logits.device, dtype=logits.dtype).view(n, 1)
+        return ((1 - self._eps) * nll + self._eps * smooth).mean(1)
 
     def on_validation_epoch_start(self) -> None:
         self._sums = torch.zeros(2, len(self.net), 3, device=self.device, dtype=torch.float64)
@@ -359,6 +365,7 @@ class PopulationClassifier(pl.LightningModule):
             self.label_smoothings = [self.label_smoothings[r] for r in rows]
             if self.augments is not None:
                 self.augments = [self.augments[r] for r in rows]
+            self._strength = self._eps = None
             if self.opt is not None:
                 self.opt.keep(rows)
         return rows

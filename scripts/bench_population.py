@@ -21,6 +21,8 @@ population's memory estimate (sweeper/population.py), time in MLflow writes, GPU
 """
 
 import argparse
+import contextlib
+import io
 import statistics
 import tempfile
 import threading
@@ -166,7 +168,7 @@ def study(cfg: Config, splits: data.Splits) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with GpuUtil() as util:
+    with GpuUtil() as util, contextlib.redirect_stdout(io.StringIO()):  # the table only
         s = run_study(cfg, splits=splits)
     wall = time.perf_counter() - t0
     done = [t for t in s.trials if t.value is not None]
@@ -202,10 +204,33 @@ def main() -> None:
     sheet = next((v for k, v in DATASHEET.items() if k in name), None)
     peaks = {p: matmul_peak(device, p) for p in dict.fromkeys(args.precision[:1] + args.precision)}
     flops = trial_flops(config(args.family, Path("."), "x", epochs, 1, 1, "32"), splits)
-    print(f"{flops / 1e12:.3f} TFLOP per trial ({args.family}, {epochs} epochs); matmul peak "
+    print(f"{flops / 1e9:,.1f} GFLOP per trial ({args.family}, {epochs} epochs); matmul peak "
           "measured here: " + ", ".join(f"{p} {v:.1f}" for p, v in peaks.items())
           + " TFLOP/s" + (f"; datasheet: {sheet}" if sheet else ""), flush=True)
-    rows = []
+    base: list[float] = []  # one at a time: trials/min
+    # Each row is printed as its mode ends: a run stopped by a time limit keeps what it did.
+    print(f"\n{args.family}: {epochs} epochs per trial, {splits.describe()}, {name}")
+    print("| mode | precision | trials | wall s | trials/min | speed-up | s/epoch | TFLOP/s | "
+          "% of measured peak | % of datasheet | GPU mem GiB (estimate) | MLflow writes s | "
+          "GPU util % | val acc % (mean ± std) |")
+    print("| --- " * 14 + "|", flush=True)
+
+    def row(label: str, precision: str, r: dict) -> None:
+        acc = [100 * a for a in r["acc"]]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        achieved = r["trials"] * flops / r["wall"] / 1e12
+        util = "n/a" if r["util"] is None else f"{r['util']:.0f}"
+        mem = "n/a" if r["mem"] is None else f"{r['mem']:.1f}"
+        if r["estimate"] is not None:
+            mem += f" ({r['estimate']:.1f})"
+        datasheet = f"{100 * achieved / sheet[precision]:.1f}" if sheet else "n/a"
+        speedup = f"{r['per_min'] / base[0]:.1f}x" if base else "n/a"
+        print(f"| {label} | {precision} | {r['trials']} | {r['wall']:.1f} | {r['per_min']:.1f} "
+              f"| {speedup} | {r['epoch_s']:.2f} | {achieved:.2f} | "
+              f"{100 * achieved / peaks[precision]:.1f} | {datasheet} | {mem} | "
+              f"{r['bookkeeping']:.1f} | {util} | {statistics.fmean(acc):.2f} ± {sd:.2f} |",
+              flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         def run(label: str, n: int, size: int, precision: str) -> None:
             cfg = config(args.family, Path(tmp), label.replace(" ", "_").replace("=", ""),
@@ -217,40 +242,18 @@ def main() -> None:
                     population.member_bytes(spec, splits) / 2**30
             r = study(cfg, splits)
             r["estimate"] = estimate
-            rows.append((label, precision, r))
-            print(f"  {label} ({precision}): {r['per_min']:.1f} trials/min", flush=True)
+            if size == 1:
+                base.append(r["per_min"])
+            row(label, precision, r)
 
         # CUDA/cuBLAS init and stores created before anything is timed
-        study(config(args.family, Path(tmp), "warmup", 1, 2, 2, args.precision[0]), splits)
+        with contextlib.redirect_stdout(io.StringIO()):
+            study(config(args.family, Path(tmp), "warmup", 1, 2, 2, args.precision[0]), splits)
         if args.solo:
             run("one at a time", args.solo, 1, args.precision[0])
         for size in args.population:
             for precision in args.precision:
                 run(f"population={size}", size, size, precision)
-    base = rows[0][2]["per_min"] if rows[0][0] == "one at a time" else None
-    print(f"\n{args.family}: {epochs} epochs per trial, {splits.describe()}, {name}")
-    print("| mode | precision | trials | wall s | trials/min | speed-up | s/epoch | TFLOP/s | "
-          "% of measured peak | % of datasheet | GPU mem GiB (estimate) | MLflow writes s | "
-          "GPU util % | val acc % (mean ± std) |")
-    print("| --- " * 14 + "|")
-    def speedup(r: dict) -> str:
-        return f"{r['per_min'] / base:.1f}x" if base else "n/a"
-
-    for label, precision, r in rows:
-        acc = [100 * a for a in r["acc"]]
-        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        achieved = r["trials"] * flops / r["wall"] / 1e12
-        util = "n/a" if r["util"] is None else f"{r['util']:.0f}"
-        mem = "n/a" if r["mem"] is None else f"{r['mem']:.1f}"
-        if r["estimate"] is not None:
-            mem += f" ({r['estimate']:.1f})"
-        datasheet = f"{100 * achieved / sheet[precision]:.1f}" if sheet else "n/a"
-        print(f"| {label} | {precision} | {r['trials']} | {r['wall']:.1f} | {r['per_min']:.1f} "
-              f"| {speedup(r)} | {r['epoch_s']:.2f} | {achieved:.2f} | "
-              f"{100 * achieved / peaks[precision]:.1f} | {datasheet} | {mem} | "
-              f"{r['bookkeeping']:.1f} | {util} | {statistics.fmean(acc):.2f} ± {sd:.2f} |",
-              flush=True)
-
 
 if __name__ == "__main__":
     main()

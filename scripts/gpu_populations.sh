@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # The whole population benchmark set on a lent GPU host, in one run (issue 17). The host has
-# torch and Lightning; the rest comes from .whl/ (bash ../shared/device/fetch-wheels.sh here,
-# then name .whl in the run's carry list). Tables go to stdout and to $OUT (or ./gpu-results).
-#   bash scripts/gpu_populations.sh      # at most 9 minutes (each part has its own limit)
+# torch and Lightning and no network; prepare here, then carry both ignored folders:
+#   bash ../shared/device/fetch-wheels.sh                            # .whl/ (Optuna, Hydra, MLflow)
+#   mkdir -p .data/mnist && cp ../shared/data/mnist/*-ubyte.gz .data/mnist/    # 11 MB, git-ignored
+#   run: carry [".whl", ".data"], command "bash scripts/gpu_populations.sh", timeout 560
+# Every table row is printed (and kept in $OUT, or ./gpu-results) as soon as its mode ends.
+# The parts' limits add up to 470 s.
 set -u
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
+MNIST=${MNIST:-.data/mnist}
+if ! ls "$MNIST"/train-images-idx3-ubyte* >/dev/null 2>&1; then
+  echo "no MNIST IDX files in $MNIST: copy ../shared/data/mnist/*-ubyte.gz there and carry .data" >&2
+  exit 2
+fi
 if [ -d .whl ] && ! python3 -c "import optuna, hydra, mlflow" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
@@ -13,17 +21,22 @@ if [ -d .whl ] && ! python3 -c "import optuna, hydra, mlflow" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.csv"
-bench() {  # name, limit in seconds, arguments
+part() {  # name, limit in seconds, script and arguments
   local name=$1 limit=$2; shift 2
-  echo "== $name: python scripts/bench_population.py $*"
-  timeout "$limit" python3 scripts/bench_population.py "$@" 2>&1 \
-    | grep -v '^\[' | tee "$OUT/$name.log" | grep -E '^\||TFLOP per trial|^data|trials/min|rror'
+  echo "== $name: python $*"
+  timeout "$limit" python3 "$@" 2>&1 | grep --line-buffered -v '^\[' | tee "$OUT/$name.log"
 }
-# The reference MLP task (docs/scale-out.md's population table): one at a time, 64 and 256
-# members in float32, then 256 in TF32 and bf16.
-bench mlp 220 --family mlp --epochs 10 --solo 8 --population 64 256 --precision 32
-bench mlp-precision 120 --family mlp --epochs 10 --solo 0 --population 256 --precision tf32 bf16
-# cnn_best's network and recipe (its seed repeats and fashion_cnn train this way), 2 epochs.
-bench cnn 150 --family cnn --epochs 2 --solo 2 --population 16 64 --precision 32 tf32
+# Grouped convolutions vs torch.func.vmap vs separate networks, one training step (30 s).
+part conv 40 scripts/bench_grouped_conv.py --members 16 64 --steps 10
+# The reference MLP task (docs/scale-out.md's population table), float32: one at a time,
+# 64 and 256 members; then 256 in TF32 and bf16.
+part mlp 150 scripts/bench_population.py --family mlp --root "$MNIST" --epochs 10 --solo 4 \
+  --population 64 256 --precision 32
+part mlp-precision 120 scripts/bench_population.py --family mlp --root "$MNIST" --epochs 10 \
+  --solo 0 --population 256 --precision tf32 bf16
+# cnn_best's network and recipe (its seed repeats and fashion_cnn train this way), 2 epochs
+# on 10k images: one at a time, 16 and 64 members, float32 and TF32.
+part cnn 100 scripts/bench_population.py --family cnn --root "$MNIST" --train-size 10000 \
+  --epochs 2 --solo 2 --population 16 64 --precision 32 tf32
 # What each trial costs in bookkeeping as N grows (no compute to speak of).
-bench tiny 40 --family tiny --solo 16 --population 64 256
+part tiny 60 scripts/bench_population.py --family tiny --solo 16 --population 64 256

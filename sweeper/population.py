@@ -130,7 +130,7 @@ def run(study: optuna.Study, asked: list[tuple[optuna.Trial, dict[str, Any]]], c
     done: list[optuna.trial.FrozenTrial] = []
     slow_here(specs[0], splits)
     for rows in groups.values():
-        for part in split(rows, capacity(specs[rows[0]], splits)):
+        for part in split(rows, capacity(specs[rows[0]], splits) if len(rows) > 1 else 1):
             done += _train(study, [members[i] for i in part], cfg, splits, tracker, parent)
     return done
 
@@ -149,18 +149,17 @@ def slow_here(spec: training.TrialSpec, splits: Splits) -> None:
 
 # Memory: a population never plans for more than this share of the free device memory.
 MEMORY_SHARE = 0.8
-_CAPACITY: dict[tuple[Any, ...], int] = {}
+_MEMBER_BYTES: dict[tuple[Any, ...], int] = {}
 
 
 def capacity(spec: training.TrialSpec, splits: Splits) -> int:
-    """The most members of spec's shape that fit in the device's free memory (measured once
-    per shape and device). A larger request is split into populations this big (printed)."""
+    """The most members of spec's shape that fit in the device's free memory now (one
+    member's memory is measured once per shape and device). A larger request is split into
+    populations this big (printed)."""
     key = (*shape_key(spec), spec.eval_batch_size, str(splits.x_train.device))
-    if key not in _CAPACITY:
-        per_member = member_bytes(spec, splits)
-        _CAPACITY[key] = max(1, int(MEMORY_SHARE * free_bytes(splits.x_train.device)
-                                    // per_member))
-    return _CAPACITY[key]
+    if key not in _MEMBER_BYTES:
+        _MEMBER_BYTES[key] = member_bytes(spec, splits)
+    return max(1, int(MEMORY_SHARE * free_bytes(splits.x_train.device) // _MEMBER_BYTES[key]))
 
 
 def split(rows: list[int], cap: int) -> list[list[int]]:
@@ -190,9 +189,10 @@ def member_bytes(spec: training.TrialSpec, splits: Splits) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module._loss(module.net(x.unsqueeze(0)), y.unsqueeze(0)).sum()
-    # The training batch and the weights themselves are no member's own activations.
+    # The training data (x and the labels are views of it) and the weights themselves are no
+    # member's own activations.
     own = {p.untyped_storage().data_ptr() for p in module.net.parameters()}
-    own.add(x.untyped_storage().data_ptr())
+    own |= {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
     acts = [n for ptr, n in saved.items() if ptr not in own]
     train = 1.5 * sum(acts)
     evaluation = 2 * max(acts, default=0) * spec.eval_batch_size / max(1, len(x))
@@ -202,8 +202,9 @@ def member_bytes(spec: training.TrialSpec, splits: Splits) -> int:
 
 
 def free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # free on the device + what PyTorch holds cached but unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:  # Linux: what the kernel says it can give without swapping
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -238,8 +239,13 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
             if bad:  # NaN/inf: this member stops, the others go on
                 m.error = f"diverged: {bad[0]}={metrics[bad[0]]} at epoch {epoch}"
                 stop.add(i)
+        metrics_writer.raise_if_failed()  # a refused write stops the population now
         if not objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
-            with snapshot_reads(study):  # the pruner compares with finished trials only
+            # The median pruner compares with finished trials only: one read of them for all
+            # members. Hyperband's rungs also hold other running members' values: read live.
+            reads = snapshot_reads(study) if cfg.search.pruner == "median" \
+                else contextlib.nullcontext()
+            with reads:
                 for i, metrics in latest.items():
                     m = members[i]
                     if i in stop:
@@ -302,7 +308,9 @@ def _worth_saving(study: optuna.Study, cfg: Config, members: list[Member],
     if module is None or objectives.multi(cfg):
         return set(nets)
     k = cfg.search.keep_top_k
-    ranked = [(-(t.value or 0.0), t.number) for t in objectives.ranked(study)[:k]]
+    # The trials keep_top_k ranks: complete ones that say where their weights are.
+    ranked = [(-(t.value or 0.0), t.number) for t in objectives.ranked(study)
+              if keys.CHECKPOINT in t.user_attrs][:k]
     for i in nets:
         history = module.history[i]
         if not members[i].pruned and history:  # value as conclude computes it (maximized)

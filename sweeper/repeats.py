@@ -124,7 +124,10 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
     grace = cfg.search.heartbeat_grace_s
     size = cfg.search.population
     for t in chosen:
-        ks = list(range(1, c.seeds))
+        ks = [k for k in range(1, c.seeds)  # claimed again under the lock below
+              if not _taken(study.user_attrs.get(f"{keys.REPEAT}.{t.number}.{k}"), grace)]
+        if not ks:
+            continue
         spec = training.resolve(recipe.of_trial(study, t), t.params, t.number)
         # search.population > 1: a trial's repeats train together, that many at a time.
         step = 1

@@ -199,6 +199,12 @@ class BackgroundMetrics:
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         self.pending.append(self.pool.submit(self.tracker.log_metrics, run_id, metrics, step))
 
+    def raise_if_failed(self) -> None:
+        """The first error of a write already done, raised here (between epochs)."""
+        for f in self.pending:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         for f in self.pending:

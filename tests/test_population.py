@@ -235,7 +235,7 @@ def test_cnn_population_study_and_its_seed_repeats(tiny_cfg: Config, splits):
 
 
 def test_a_population_larger_than_memory_is_split(tiny_cfg: Config, monkeypatch):
-    monkeypatch.setattr(population, "_CAPACITY", {})
+    monkeypatch.setattr(population, "_MEMBER_BYTES", {})
     seen: list[int] = []
     real = population.member_bytes
 
@@ -269,6 +269,10 @@ def test_member_memory_estimate_grows_with_what_it_holds(splits):
     assert population.member_bytes(wider, splits) > 2 * small
     # At least the activations one 64-image batch keeps: conv1's output, 4 x 28 x 28 floats.
     assert small > 64 * 4 * 28 * 28 * 4
+    # What one member holds does not depend on how much training data there is.
+    fewer = data.make_splits(data.load(DataConfig(name="mnist_sample")), 1000, 0,
+                             torch.device("cpu"), train_size=500)
+    assert population.member_bytes(spec, fewer) == small
 
 
 def test_later_populations_are_pruned_against_finished_trials(tiny_cfg: Config):
@@ -283,8 +287,37 @@ def test_later_populations_are_pruned_against_finished_trials(tiny_cfg: Config):
     states = [t.state for t in study.trials]
     assert states[:4] == [optuna.trial.TrialState.COMPLETE] * 4  # nothing to compare with yet
     assert optuna.trial.TrialState.PRUNED in states[4:], states
-    # Constant liar and the sampler saw each other member: 8 different learning rates.
-    assert len({t.params["lr"] for t in study.trials}) == 8
+
+
+def test_the_snapshot_storage_is_only_lent_for_the_ask(tiny_cfg: Config, monkeypatch):
+    """While a population is asked, reads see every trial asked so far (TPE's constant liar
+    needs the running members); afterwards the study and its trials use the real storage,
+    also when asking fails half way."""
+    tiny_cfg.search.pruner = "none"
+    study = optuna.create_study(storage=tiny_cfg.search.storage, study_name="snap",
+                                direction="maximize")
+    real = study._storage
+    seen: list[int] = []
+    suggest = population.search_space.suggest
+
+    def counting(trial, space, depth):
+        running = study._storage.get_all_trials(study._study_id, deepcopy=False,
+                                                states=(optuna.trial.TrialState.RUNNING,))
+        seen.append(len(running))
+        return suggest(trial, space, depth)
+
+    monkeypatch.setattr(population.search_space, "suggest", counting)
+    asked = population.ask(study, tiny_cfg, 3)
+    assert seen == [0, 1, 2]  # each member sees the members asked before it (running)
+    assert study._storage is real and all(t.storage is real for t, _ in asked)
+
+    def broken(trial, space, depth):
+        raise RuntimeError("sampler failed")
+
+    monkeypatch.setattr(population.search_space, "suggest", broken)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        population.ask(study, tiny_cfg, 2)
+    assert study._storage is real
 
 
 def test_a_population_writes_only_the_weights_it_keeps(tiny_cfg: Config, monkeypatch):

@@ -66,6 +66,7 @@ def test_precision_setting_reaches_the_trainer():
     import lightning.pytorch as pl
 
     cb = pl.Callback()
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     trainer = training.make_trainer(torch.device("cpu"), 1, cb, "tf32")
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     # "32" means float32 on GPUs too: cuDNN's TF32 default for convolutions is turned off.
@@ -84,3 +85,4 @@ def test_precision_setting_reaches_the_trainer():
     assert module.trainer.precision == "bf16-mixed"
     assert module.history[-1][VAL_ACC] > 0.8
     assert dataclasses.replace(spec, precision="32").mlflow_params()["precision"] == "32"
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
