@@ -105,6 +105,7 @@ def warp_members(augments: list[BatchAugment], x: torch.Tensor,
     n, b = x.shape[:2]
     if strength is None:
         strength = strengths(augments, x)
+    assert strength.shape[0] == len(augments) == n, "one strength row per member"
     draws = [a.draw(b, x[i]) for i, a in enumerate(augments)]
     u = torch.cat([u for u, _ in draws])
     d = None

@@ -329,7 +329,8 @@ class PopulationClassifier(pl.LightningModule):
         nll = -logp.gather(1, target.unsqueeze(1)).view(n, b)
         smooth = -logp.mean(1).view(n, b)
         if self._eps is None:
-            self._eps = torch.tensor(eps, device=logits.device, dtype=logits.dtype).view(n, 1)
+            # float32 even under bf16 autocast: the smoothing the member was given, unrounded
+            self._eps = torch.tensor(eps, device=logits.device).view(n, 1)
         return ((1 - self._eps) * nll + self._eps * smooth).mean(1)
 
     def on_validation_epoch_start(self) -> None:

@@ -23,12 +23,14 @@ population's memory estimate (sweeper/population.py), time in MLflow writes, GPU
 import argparse
 import contextlib
 import io
+import math
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import optuna
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -168,15 +170,25 @@ def study(cfg: Config, splits: data.Splits) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with GpuUtil() as util, contextlib.redirect_stdout(io.StringIO()):  # the table only
-        s = run_study(cfg, splits=splits)
+    log = io.StringIO()  # the study's own lines: shown only when trials fail
+    with GpuUtil() as util, contextlib.redirect_stdout(log):
+        try:
+            s = run_study(cfg, splits=splits)
+        except Exception as e:  # e.g. too many failures in a row: show why, go on
+            print(f"{type(e).__name__}: {e}")
+            s = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
     wall = time.perf_counter() - t0
     done = [t for t in s.trials if t.value is not None]
+    failed = len(s.trials) - len(done)
+    if failed:
+        print(f"  {failed} of {len(s.trials)} trials did not finish; the study said:\n"
+              + "\n".join(log.getvalue().splitlines()[-8:]), flush=True)
     accs = [t.user_attrs[VAL_ACC] for t in done]
-    seconds = [t.user_attrs["seconds"] for t in done]
+    seconds = [t.user_attrs["seconds"] for t in done] or [math.nan]
     # A trial's "seconds" is its own fit; a population member's is the whole population's.
     return {"wall": wall, "trials": len(accs), "per_min": 60 * len(accs) / wall,
-            "epoch_s": statistics.median(seconds) / cfg.trainer.max_epochs, "acc": accs,
+            "epoch_s": statistics.median(seconds) / cfg.trainer.max_epochs,
+            "acc": accs or [math.nan],
             "bookkeeping": BOOKKEEPING["s"], "util": util.mean,
             "mem": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 

@@ -280,8 +280,8 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
             m.error = m.error or error
         if cfg.debug:
             traceback.print_exc()
-    finally:  # also on Ctrl-C: no write left running behind the study's back
-        metrics_writer.pool.shutdown(wait=True)
+    finally:  # also on Ctrl-C or a refused write: what is queued is dropped, nothing left
+        metrics_writer.pool.shutdown(wait=True, cancel_futures=True)  # running behind us
     seconds = time.perf_counter() - t0
     nets: dict[int, torch.nn.Module] = {}
     if module is not None:

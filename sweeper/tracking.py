@@ -204,6 +204,7 @@ class BackgroundMetrics:
         for f in self.pending:
             if f.done() and f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
+        self.pending = [f for f in self.pending if not f.done()]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from lightning_modules.metrics import EPOCH_METRICS, VAL_ACC
+from lightning_modules.metrics import EPOCH_METRICS, EPOCHS_RUN, VAL_ACC
 from lightning_modules.models import Architecture
 from sweeper import checkpoints, data, keys, population, training
 from sweeper.config import AugmentConfig, Config, DataConfig, ParamSpec
@@ -347,9 +347,12 @@ def test_a_refused_metrics_write_fails_the_population(tiny_cfg: Config, monkeypa
 
     monkeypatch.setattr(Tracker, "log_metrics", refuse)
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
+    tiny_cfg.trainer.max_epochs = 3
     tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 2
     with pytest.raises(UserError, match="2 trials failed in a row"):
         run_study(tiny_cfg)
     study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all("the store refused the write" in t.user_attrs[keys.ERROR] for t in study.trials)
+    # Found after the first epoch (the write runs on a background thread), not after the third.
+    assert {t.user_attrs[EPOCHS_RUN] for t in study.trials} <= {1, 2}

@@ -61,12 +61,20 @@ def test_trial_seed_depends_on_study_seed_and_trial_number():
 
 
 def test_precision_setting_reaches_the_trainer():
+    # make_trainer sets both flags process-wide; they are put back whatever happens here.
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        _check_precision_setting()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _check_precision_setting() -> None:
     import dataclasses
 
     import lightning.pytorch as pl
 
     cb = pl.Callback()
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     trainer = training.make_trainer(torch.device("cpu"), 1, cb, "tf32")
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     # "32" means float32 on GPUs too: cuDNN's TF32 default for convolutions is turned off.
@@ -85,4 +93,3 @@ def test_precision_setting_reaches_the_trainer():
     assert module.trainer.precision == "bf16-mixed"
     assert module.history[-1][VAL_ACC] > 0.8
     assert dataclasses.replace(spec, precision="32").mlflow_params()["precision"] == "32"
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
