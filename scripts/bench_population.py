@@ -171,13 +171,16 @@ def study(cfg: Config, splits: data.Splits) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     log = io.StringIO()  # the study's own lines: shown only when trials fail
+    error = None
     with GpuUtil() as util, contextlib.redirect_stdout(log):
         try:
             s = run_study(cfg, splits=splits)
         except Exception as e:  # e.g. too many failures in a row: show why, go on
-            print(f"{type(e).__name__}: {e}")
+            error = f"{type(e).__name__}: {e}"
             s = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
     wall = time.perf_counter() - t0
+    if error:
+        print(f"  the study stopped: {error}", flush=True)
     done = [t for t in s.trials if t.value is not None]
     failed = len(s.trials) - len(done)
     if failed:
@@ -245,8 +248,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         def run(label: str, n: int, size: int, precision: str) -> None:
-            cfg = config(args.family, Path(tmp), label.replace(" ", "_").replace("=", ""),
-                         epochs, n, size, precision)
+            name = f"{label.replace(' ', '_').replace('=', '')}-{precision}"  # one study each
+            cfg = config(args.family, Path(tmp), name, epochs, n, size, precision)
             estimate = None
             if size > 1:
                 spec = spec_of(cfg)
