@@ -32,18 +32,12 @@ from lightning_modules.mlp import MLP
 from lightning_modules.schedules import lr_factor
 
 
-class PopulationMLP(nn.Module):
-    """Weights of N MLPs of one shape, layer l stacked as [N, out, in] and [N, out]."""
+class Members(nn.Module):
+    """What every population model holds per member besides its weights: its dropout rate and
+    (on CPU) its own dropout generator."""
 
-    def __init__(self, nets: Sequence[MLP], dropouts: Sequence[float]):
+    def __init__(self, dropouts: Sequence[float]):
         super().__init__()
-        linears = [[m for m in net.net if isinstance(m, nn.Linear)] for net in nets]
-        self.weights = nn.ParameterList(
-            nn.Parameter(torch.stack([ls[j].weight.detach() for ls in linears]))
-            for j in range(len(linears[0])))
-        self.biases = nn.ParameterList(
-            nn.Parameter(torch.stack([ls[j].bias.detach() for ls in linears]))
-            for j in range(len(linears[0])))
         self.p: torch.Tensor
         self.register_buffer("p", torch.tensor(list(dropouts), dtype=torch.float32))
         self.dropouts = list(dropouts)
@@ -52,6 +46,33 @@ class PopulationMLP(nn.Module):
 
     def __len__(self) -> int:
         return len(self.dropouts)
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        return member_dropout(h, self.dropouts, self.p, self.generators)
+
+    def _keep_members(self, idx: list[int]) -> torch.Tensor:
+        """Keep the per-member values of `idx`; returns them as an index tensor for the
+        subclass's weights."""
+        sel = torch.tensor(idx, device=self.p.device)
+        self.p = self.p[sel]
+        self.dropouts = [self.dropouts[i] for i in idx]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in idx]
+        return sel
+
+
+class PopulationMLP(Members):
+    """Weights of N MLPs of one shape, layer l stacked as [N, out, in] and [N, out]."""
+
+    def __init__(self, nets: Sequence[MLP], dropouts: Sequence[float]):
+        super().__init__(dropouts)
+        linears = [[m for m in net.net if isinstance(m, nn.Linear)] for net in nets]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[j].weight.detach() for ls in linears]))
+            for j in range(len(linears[0])))
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[j].bias.detach() for ls in linears]))
+            for j in range(len(linears[0])))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, B, ...], one batch per member -> logits [N, B, classes]."""
@@ -71,19 +92,12 @@ class PopulationMLP(nn.Module):
                     h = self._dropout(h)
         return h
 
-    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
-        return member_dropout(h, self.dropouts, self.p, self.generators)
-
     def keep(self, idx: list[int]) -> None:
         """Drop every member not in `idx` (pruned or diverged): later steps cost less."""
-        sel = torch.tensor(idx, device=self.p.device)
+        sel = self._keep_members(idx)
         for plist in (self.weights, self.biases):
             for j, prm in enumerate(plist):
                 plist[j] = nn.Parameter(prm.detach()[sel])
-        self.p = self.p[sel]
-        self.dropouts = [self.dropouts[i] for i in idx]
-        if self.generators is not None:
-            self.generators = [self.generators[i] for i in idx]
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's weights under the keys of `MLP.state_dict()`."""
@@ -107,13 +121,13 @@ def member_dropout(h: torch.Tensor, dropouts: list[float], p: torch.Tensor,
     return h * ((torch.rand_like(h) < keep) / keep)
 
 
-class PopulationCNN(nn.Module):
+class PopulationCNN(Members):
     """N `CNN`s of one shape. Every tensor of the solo net's state_dict is stacked along a new
     dim 0 (weights and biases as parameters, batch-norm statistics as buffers), under the solo
     key with dots as "__"; the forward pass follows the solo net's module list."""
 
     def __init__(self, nets: Sequence[CNN], dropouts: Sequence[float]):
-        super().__init__()
+        super().__init__(dropouts)
         first = nets[0]
         param_keys = {k for k, _ in first.named_parameters()}
         states = [net.state_dict() for net in nets]
@@ -129,13 +143,6 @@ class PopulationCNN(nn.Module):
         self.plan = [(f"features.{i}", m) for i, m in enumerate(first.features)]
         linear = next(i for i, m in enumerate(first.head) if isinstance(m, nn.Linear))
         self.head_key = f"head.{linear}"
-        self.p: torch.Tensor
-        self.register_buffer("p", torch.tensor(list(dropouts), dtype=torch.float32))
-        self.dropouts = list(dropouts)
-        self.generators: list[torch.Generator] | None = None
-
-    def __len__(self) -> int:
-        return len(self.dropouts)
 
     def _t(self, key: str) -> torch.Tensor:
         return getattr(self, _name(key))
@@ -181,22 +188,18 @@ class PopulationCNN(nn.Module):
             h = h.repeat(1, n, 1, 1)
         h = h.reshape(h.shape[0], n, -1).transpose(0, 1)  # [N, B, C*H*W]: the solo flatten
         if self.training:
-            h = member_dropout(h, self.dropouts, self.p, self.generators)
+            h = self._dropout(h)
         w, bias = self._t(f"{self.head_key}.weight"), self._t(f"{self.head_key}.bias")
         return torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))
 
     def keep(self, idx: list[int]) -> None:
-        sel = torch.tensor(idx, device=self.p.device)
+        sel = self._keep_members(idx)
         for key in self.keys:
             t = self._t(key)
             if isinstance(t, nn.Parameter):
                 setattr(self, _name(key), nn.Parameter(t.detach()[sel]))
             else:
                 setattr(self, _name(key), t[sel])
-        self.p = self.p[sel]
-        self.dropouts = [self.dropouts[i] for i in idx]
-        if self.generators is not None:
-            self.generators = [self.generators[i] for i in idx]
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's tensors under the keys of `CNN.state_dict()`."""
