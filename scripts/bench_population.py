@@ -94,7 +94,9 @@ def _timed(fn):
     return wrapper
 
 
-for _name in ("start_trial", "log_metrics", "end_trial"):  # MLflow writes, per trial and epoch
+# MLflow writes, per trial and epoch (start_trial = create_trial_run + log_params), on the main
+# thread or a population's background writer
+for _name in ("create_trial_run", "log_params", "log_metrics", "end_trial"):
     setattr(tracking.Tracker, _name, _timed(getattr(tracking.Tracker, _name)))
 
 

@@ -13,6 +13,9 @@ RECOVERED = "sweeper.recovered"  # RECOVERED.N: trial N was left running by a de
 RECIPE = "sweeper.recipe"  # the settings the trial trained with (seed, data, model, augment, ...)
 WORKER = "sweeper.worker"  # who holds a RUNNING trial (see liveness.py)
 RETRY_OF = "sweeper.retry_of"  # on a trial that re-runs a failed trial's configuration
+# On a trial failed because its population ran out of memory: the population size its
+# configuration was queued again for (not counted as a failure in a row).
+SPLIT_AFTER_OOM = "sweeper.split_after_oom"
 CHECKPOINT = "sweeper.checkpoint"  # absolute path of the kept weights (top search.keep_top_k)
 MLFLOW_RUN_ID = "mlflow_run_id"
 N_PARAMS = "n_params"

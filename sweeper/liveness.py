@@ -23,6 +23,8 @@ from pathlib import Path
 
 import optuna
 
+from sweeper import trial_writes
+
 
 def _read(path: str) -> str:
     try:
@@ -107,10 +109,10 @@ def _enabled(study: optuna.Study) -> bool:
     return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
 
 
-def beat(study: optuna.Study, trial: optuna.Trial) -> None:
+def beat(study: optuna.Study, trials: list[optuna.Trial]) -> None:
     # trial._trial_id: Optuna's heartbeat API is keyed by the storage id, not the number.
-    if _enabled(study):
-        study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+    if _enabled(study) and trials:
+        trial_writes.beat(study._storage, [t._trial_id for t in trials])
 
 
 class Heartbeat(Every):
@@ -121,11 +123,7 @@ class Heartbeat(Every):
                  interval: float):
         trials = trial if isinstance(trial, list) else [trial]
 
-        def beat_all() -> None:
-            for t in trials:
-                beat(study, t)
-
-        super().__init__(interval, beat_all)
+        super().__init__(interval, lambda: beat(study, trials))
         self.enabled = _enabled(study)
 
     def __enter__(self) -> Heartbeat:

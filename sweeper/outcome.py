@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 import optuna
 import torch
@@ -19,38 +20,38 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lightning_modules.metrics import BEST_EPOCH, BEST_VAL_ACC, EPOCHS_RUN, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import checkpoints, keys, liveness, objectives
+from sweeper import checkpoints, keys, liveness, objectives, trial_writes
 from sweeper.config import Config
 from sweeper.data import Splits
-from sweeper.tracking import Tracker
+from sweeper.tracking import BackgroundWrites, Tracker
 
 AnyTrial = optuna.Trial | FrozenTrial
 
 
 def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Splits,
-             tracker: Tracker, run_id: str | None, arch: Architecture | None,
-             history: list[dict[str, float]], net: torch.nn.Module | None, pruned: bool,
+             tracker: Tracker | BackgroundWrites, run_id: str | None,
+             arch: Architecture | None, history: list[dict[str, float]],
+             net: torch.nn.Module | None, pruned: bool,
              error: str | None, seconds: float, save_weights: bool = True,
              drop_weights: bool = True) -> FrozenTrial:
     """Tell Optuna how the trial ended, keep its weights if it is among the best, end its run.
     A population decides once for all its members: save_weights=False for members outside the
     top k (their file is never written), drop_weights=False (keep_top_k runs once after)."""
     summary: dict[str, float] = {EPOCHS_RUN: len(history)}
+    attrs: dict[str, Any] = {}  # written in one transaction, just before the tell
     if history:
         best = max(range(len(history)), key=lambda i: history[i][VAL_ACC])
         summary |= {BEST_VAL_ACC: history[best][VAL_ACC], BEST_EPOCH: best + 1}
-        for k, v in history[-1].items():
-            trial.set_user_attr(k, v)
-    for k, v in summary.items():
-        trial.set_user_attr(k, v)
-    trial.set_user_attr(keys.SECONDS, seconds)
+        attrs |= history[-1]
+    attrs |= summary | {keys.SECONDS: seconds}
     if error is None and not history:
         error = "no epoch finished"
     if error is not None:
-        trial.set_user_attr(keys.ERROR, error)
+        trial_writes.set_user_attrs({trial: attrs | {keys.ERROR: error}})
         study.tell(trial, state=TrialState.FAIL)
         state = "FAIL"
     elif pruned:
+        trial_writes.set_user_attrs({trial: attrs})
         study.tell(trial, state=TrialState.PRUNED)
         state = "PRUNED"
     else:
@@ -61,7 +62,8 @@ def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Spli
         path = checkpoints.path_of(cfg, trial.number)
         if save_weights:
             checkpoints.save(cfg, trial.number, net, arch, splits, history[-1])
-        trial.set_user_attr(keys.CHECKPOINT, str(path))  # where it is or would have been
+        # where its weights are or would have been
+        trial_writes.set_user_attrs({trial: attrs | {keys.CHECKPOINT: str(path)}})
         study.tell(trial, values)
         if drop_weights:
             checkpoints.keep_top_k(study, cfg.search.keep_top_k)

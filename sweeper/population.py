@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,13 +41,23 @@ from lightning_modules.population import (
     PopulationMLP,
     PopulationNet,
 )
-from sweeper import checkpoints, console, keys, liveness, objectives, search_space, training
+from sweeper import (
+    checkpoints,
+    console,
+    keys,
+    liveness,
+    objectives,
+    outcome,
+    search_space,
+    training,
+    trial_writes,
+)
 from sweeper.batches import PopulationGroups
 from sweeper.config import POPULATION_FAMILIES, Config
 from sweeper.data import Splits
 from sweeper.errors import UserError, one_line
 from sweeper.outcome import conclude
-from sweeper.tracking import BackgroundMetrics, Tracker
+from sweeper.tracking import BackgroundWrites, Tracker
 
 # Params every member of a population shares: the weight shapes and the batch size.
 SHARED = ("depth", "width", "size", "batch_size", "kernel", "batch_norm", "channel_mult")
@@ -105,6 +117,8 @@ class _SnapshotReads:
         return getattr(self._storage, name)
 
     def add(self, trial_id: int) -> None:
+        # A storage read, not the Trial's own copy: samplers write system attrs the copy
+        # lacks (GridSampler's grid_id, which the next member must see as taken).
         self._trials[trial_id] = self._storage.get_trial(trial_id)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
@@ -131,7 +145,9 @@ def run(study: optuna.Study, asked: list[tuple[optuna.Trial, dict[str, Any]]], c
     slow_here(specs[0], splits)
     for rows in groups.values():
         for part in split(rows, capacity(specs[rows[0]], splits) if len(rows) > 1 else 1):
-            done += _train(study, [members[i] for i in part], cfg, splits, tracker, parent)
+            # After an out-of-memory the cap is lower: the rest is trained smaller too.
+            for sub in split(part, capacity(specs[rows[0]], splits) if len(part) > 1 else 1):
+                done += _train(study, [members[i] for i in sub], cfg, splits, tracker, parent)
     return done
 
 
@@ -150,16 +166,36 @@ def slow_here(spec: training.TrialSpec, splits: Splits) -> None:
 # Memory: a population never plans for more than this share of the free device memory.
 MEMORY_SHARE = 0.8
 _MEMBER_BYTES: dict[tuple[Any, ...], int] = {}
+_OOM_CAP: dict[tuple[Any, ...], int] = {}  # half of a population that ran out of memory
+
+
+def _memory_key(spec: training.TrialSpec, splits: Splits) -> tuple[Any, ...]:
+    return (*shape_key(spec), spec.eval_batch_size, str(splits.x_train.device))
 
 
 def capacity(spec: training.TrialSpec, splits: Splits) -> int:
     """The most members of spec's shape that fit in the device's free memory now (one
-    member's memory is measured once per shape and device). A larger request is split into
+    member's memory is measured once per shape and device), and never more than half of a
+    population of this shape that ran out of memory. A larger request is split into
     populations this big (printed)."""
-    key = (*shape_key(spec), spec.eval_batch_size, str(splits.x_train.device))
+    key = _memory_key(spec, splits)
     if key not in _MEMBER_BYTES:
         _MEMBER_BYTES[key] = member_bytes(spec, splits)
-    return max(1, int(MEMORY_SHARE * free_bytes(splits.x_train.device) // _MEMBER_BYTES[key]))
+    fit = max(1, int(MEMORY_SHARE * free_bytes(splits.x_train.device) // _MEMBER_BYTES[key]))
+    return min(fit, _OOM_CAP.get(key, fit))
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # CPU allocator
+
+
+def after_out_of_memory(spec: training.TrialSpec, splits: Splits, size: int) -> int:
+    """A population of `size` ran out of memory despite the estimate: later ones of this shape
+    are at most half as big. Returns that cap."""
+    key = _memory_key(spec, splits)
+    _OOM_CAP[key] = max(1, min(_OOM_CAP.get(key, size), size) // 2)
+    return _OOM_CAP[key]
 
 
 def split(rows: list[int], cap: int) -> list[list[int]]:
@@ -227,30 +263,32 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
     specs = [m.spec for m in members]
     t0 = time.perf_counter()
     module = None
-    metrics_writer = BackgroundMetrics(tracker)
+    writes = BackgroundWrites(tracker)  # MLflow after each run's creation, in order
+    retry_cap = 0  # > 0: the population ran out of memory, its trials run again this small
+    runs: list[futures.Future[str]] = []
+    stored = False  # the trials name their runs (keys.MLFLOW_RUN_ID)
 
     def on_epoch(epoch: int, latest: dict[int, dict[str, float]]) -> set[int]:
         stop = set()
         for i, metrics in latest.items():
             m = members[i]
             assert m.run_id is not None
-            metrics_writer.log_metrics(m.run_id, metrics, step=epoch)
+            writes.log_metrics(m.run_id, metrics, step=epoch)
             bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
             if bad:  # NaN/inf: this member stops, the others go on
                 m.error = f"diverged: {bad[0]}={metrics[bad[0]]} at epoch {epoch}"
                 stop.add(i)
-        metrics_writer.raise_if_failed()  # a refused write stops the population now
+        writes.raise_if_failed()  # a refused write stops the population now
         if not objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
             # The median pruner compares with finished trials only: one read of them for all
             # members. Hyperband's rungs also hold other running members' values: read live.
             reads = snapshot_reads(study) if cfg.search.pruner == "median" \
                 else contextlib.nullcontext()
             with reads:
-                for i, metrics in latest.items():
-                    m = members[i]
-                    if i in stop:
-                        continue
-                    m.trial.report(metrics[VAL_ACC], epoch)
+                going = {i: members[i] for i in latest if i not in stop}
+                trial_writes.report({m.trial: latest[i][VAL_ACC] for i, m in going.items()},
+                                    epoch)
+                for i, m in going.items():
                     if m.trial.should_prune():
                         m.pruned = True
                         stop.add(i)
@@ -260,41 +298,74 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
         return stop
 
     try:
-        with liveness.Heartbeat(study, [m.trial for m in members],
-                                cfg.search.heartbeat_interval_s):
-            module = build_population(specs, splits)
-            n_params = count_params(build_model(specs[0].arch, splits.in_shape, splits.n_classes))
+        try:
+            with liveness.Heartbeat(study, [m.trial for m in members],
+                                    cfg.search.heartbeat_interval_s):
+                n_params = count_params(build_model(specs[0].arch, splits.in_shape,
+                                                    splits.n_classes))
+                runs += [writes.start_trial(parent, m.trial.number, m.spec.mlflow_params() | {
+                    keys.N_PARAMS: n_params, keys.POPULATION: len(members)},
+                    {keys.DATA_TAG: splits.source}) for m in members]
+                module = build_population(specs, splits)  # while the runs are made
+                for m, run in zip(members, runs, strict=True):
+                    m.run_id = run.result()
+                trial_writes.set_user_attrs({m.trial: {keys.N_PARAMS: n_params,
+                                                       keys.MLFLOW_RUN_ID: m.run_id,
+                                                       keys.POPULATION: len(members)}
+                                             for m in members})
+                stored = True
+                fit_population(module, specs, splits, on_epoch)
+                writes.wait()  # a store that refused a write fails the population
+        except BaseException as e:
+            writes.cancel()  # what is queued behind a failure or Ctrl-C is dropped
+            futures.wait(runs)  # runs already made are ended below, not left RUNNING
+            for m, run in zip(members, runs, strict=False):
+                if m.run_id is None and not run.cancelled() and run.exception() is None:
+                    m.run_id = run.result()
+            if not isinstance(e, Exception):  # Ctrl-C: the study loop releases the trials
+                if not stored:  # ... and their runs, once the trials name them
+                    for m in members:
+                        if m.run_id is not None:
+                            tracker.end_trial(m.run_id, "FAIL", {}, error="interrupted",
+                                              status="KILLED")
+                raise
+            error = one_line(e)  # the whole population fails
+            if out_of_memory(e) and len(members) > 1:  # its trials run again, in halves
+                retry_cap = after_out_of_memory(specs[0], splits, len(members))
+                error = (f"out of memory in a population of {len(members)} (despite the "
+                         f"memory estimate): queued again for populations of at most "
+                         f"{retry_cap} ({error})")
             for m in members:
-                params = {keys.N_PARAMS: n_params, keys.POPULATION: len(members)}
-                m.run_id = tracker.start_trial(parent, m.trial.number,
-                                               m.spec.mlflow_params() | params,
-                                               {keys.DATA_TAG: splits.source})
-                m.trial.set_user_attr(keys.N_PARAMS, n_params)
-                m.trial.set_user_attr(keys.MLFLOW_RUN_ID, m.run_id)
-                m.trial.set_user_attr(keys.POPULATION, len(members))
-            fit_population(module, specs, splits, on_epoch)
-            metrics_writer.close()  # a store that refused a write fails the population
-    except Exception as e:  # the whole population fails (out of memory, ...)
-        error = one_line(e)
-        for m in members:
-            m.error = m.error or error
-        if cfg.debug:
-            traceback.print_exc()
-    finally:  # also on Ctrl-C or a refused write: what is queued is dropped, nothing left
-        metrics_writer.pool.shutdown(wait=True, cancel_futures=True)  # running behind us
-    seconds = time.perf_counter() - t0
-    nets: dict[int, torch.nn.Module] = {}
-    if module is not None:
+                m.error = m.error or error
+            if cfg.debug:
+                traceback.print_exc()
+        seconds = time.perf_counter() - t0
+        if retry_cap:  # marked before the FAIL is told, so no reader counts it as a failure
+            trial_writes.set_user_attrs({m.trial: {keys.SPLIT_AFTER_OOM: retry_cap}
+                                         for m in members})
+        nets: dict[int, torch.nn.Module] = {}
+        if module is not None:
+            for i, m in enumerate(members):
+                if i in module.active and m.error is None:
+                    nets[i] = member_net(module, i, m.spec, splits)
+        save = _worth_saving(study, cfg, members, module, nets)
+        done = []
         for i, m in enumerate(members):
-            if i in module.active and m.error is None:
-                nets[i] = member_net(module, i, m.spec, splits)
-    save = _worth_saving(study, cfg, members, module, nets)
-    done = []
-    for i, m in enumerate(members):
-        history = module.history[i] if module is not None else []
-        done.append(conclude(study, m.trial, cfg, splits, tracker, m.run_id, m.spec.arch,
-                             history, nets.get(i), m.pruned, m.error, seconds,
-                             save_weights=i in save, drop_weights=False))
+            history = module.history[i] if module is not None else []
+            # The MLflow run ends on the writer's thread, behind the member's other writes.
+            done.append(conclude(study, m.trial, cfg, splits, writes, m.run_id, m.spec.arch,
+                                 history, nets.get(i), m.pruned, m.error, seconds,
+                                 save_weights=i in save, drop_weights=False))
+        if retry_cap:
+            for m in members:
+                outcome.requeue(study, m.trial)
+            module = None
+            if splits.x_train.device.type == "cuda":  # the failed population's cached blocks
+                gc.collect()
+                torch.cuda.empty_cache()
+        writes.wait()  # every run ended (the first refused write raised here)
+    finally:  # a told member's run end is never dropped (Ctrl-C while concluding waits for it)
+        writes.pool.shutdown(wait=True)
     checkpoints.keep_top_k(study, cfg.search.keep_top_k)  # once, not once per member
     return done
 

@@ -40,6 +40,7 @@ from sweeper import (
     search_space,
     stores,
     training,
+    trial_writes,
 )
 from sweeper.config import Config
 from sweeper.errors import Refused, UserError, one_line
@@ -186,10 +187,9 @@ def ask(study: optuna.Study, cfg: Config, room: int) -> list[tuple[optuna.Trial,
             asked = [(trial, search_space.suggest(trial, cfg.search.space, cfg.model.depth))]
         faultpoints.reached("asked")
         trial_recipe = recipe.of_config(cfg)
-        for trial, _ in asked:
-            liveness.beat(study, trial)
-            trial.set_user_attr(keys.WORKER, liveness.this_worker())
-            trial.set_user_attr(keys.RECIPE, trial_recipe)
+        liveness.beat(study, [trial for trial, _ in asked])
+        trial_writes.set_user_attrs({trial: {keys.WORKER: liveness.this_worker(),
+                                             keys.RECIPE: trial_recipe} for trial, _ in asked})
     except BaseException:
         # Under the lock an unowned RUNNING trial is one this call asked: end it now, or it
         # would count as running elsewhere until the next run recovers it.
@@ -286,6 +286,8 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             for f in frozen:
                 before += f.state != TrialState.FAIL
                 console.trial_line(f, before, target)
+                if keys.SPLIT_AFTER_OOM in f.user_attrs:
+                    continue  # queued again for a smaller population: not a failure in a row
                 failures = failures + 1 if f.state == TrialState.FAIL else 0
             if failures >= s.max_consecutive_failures:
                 raise UserError(f"{failures} trials failed in a row (last: "
@@ -399,10 +401,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
             run_id = tracker.start_trial(parent, trial.number,
                                          spec.mlflow_params() | {keys.N_PARAMS: n_params},
                                          {keys.DATA_TAG: splits.source})
-            trial.set_user_attr(keys.N_PARAMS, n_params)
-            trial.set_user_attr(keys.MLFLOW_RUN_ID, run_id)
+            attrs = {keys.N_PARAMS: n_params, keys.MLFLOW_RUN_ID: run_id}
             if "size" in params:  # the width that `size` picked, for the report
-                trial.set_user_attr(keys.WIDTH, spec.arch.hidden[0])
+                attrs[keys.WIDTH] = spec.arch.hidden[0]
+            trial_writes.set_user_attrs({trial: attrs})
             training.fit(module, spec, splits, on_epoch)
     except Exception as e:  # this trial fails (bad config, out of memory, ...); the study goes on
         error = one_line(e)

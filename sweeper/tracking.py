@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -132,6 +133,16 @@ class Tracker:
     def start_trial(self, parent_id: str, number: int, params: dict[str, Any],
                     tags: dict[str, str], repeat: int | None = None) -> str:
         """A trial's run; with `repeat`, a seed repeat of that trial's configuration."""
+        run_id = self.create_trial_run(parent_id, number, tags, repeat)
+        self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self._log(run_id, params=params)
+
+    def create_trial_run(self, parent_id: str, number: int, tags: dict[str, str],
+                         repeat: int | None = None) -> str:
+        """start_trial without the params (a population logs them on a background thread)."""
         name, role = f"trial-{number:03d}", "trial"
         if repeat is not None:
             name, role = f"{name}-seed{repeat}", "repeat"
@@ -140,8 +151,7 @@ class Tracker:
             self.experiment_id, run_name=name,
             tags={keys.PARENT_RUN_ID_TAG: parent_id, keys.ROLE_TAG: role,
                   keys.STUDY_TAG: self.experiment, keys.TRIAL_TAG: str(number), **tags})
-        self._log(run.info.run_id, params=params)
-        return run.info.run_id
+        return str(run.info.run_id)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         self._log(run_id, metrics=metrics, step=step)
@@ -185,19 +195,33 @@ class Tracker:
             synchronous=True)
 
 
-class BackgroundMetrics:
-    """Per-epoch metrics written on one background thread, in order. A population logs one
-    MLflow write per member and epoch (~5 ms each in the SQLite store here): on the main thread
-    they stall the device between epochs; here they overlap the next epoch's training.
-    close() waits for every write and raises the first error."""
+class BackgroundWrites:
+    """A population's MLflow writes after each run's creation (its params, per-epoch metrics,
+    its end) on one background thread, in order. One write per member and epoch is ~5 ms in the
+    SQLite store here: on the main thread they stall the device between epochs; here they
+    overlap training. wait() waits for every write so far and raises the first error."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-metrics")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-writes")
         self.pending: list[Future[None]] = []
 
+    def _submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args, **kwargs))
+
+    def start_trial(self, parent_id: str, number: int, params: dict[str, Any],
+                    tags: dict[str, str]) -> Future[str]:
+        """The run's id once it is made (its params are logged after)."""
+        run = self.pool.submit(self.tracker.create_trial_run, parent_id, number, tags)
+        self._submit(lambda: self.tracker.log_params(run.result(), params))
+        return run
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        self.pending.append(self.pool.submit(self.tracker.log_metrics, run_id, metrics, step))
+        self._submit(self.tracker.log_metrics, run_id, metrics, step)
+
+    def end_trial(self, run_id: str, state: str, metrics: dict[str, float],
+                  error: str | None = None, status: str | None = None) -> None:
+        self._submit(self.tracker.end_trial, run_id, state, metrics, error, status)
 
     def raise_if_failed(self) -> None:
         """The first error of a write already done, raised here (between epochs)."""
@@ -206,7 +230,16 @@ class BackgroundMetrics:
                 raise f.exception()  # type: ignore[misc]
         self.pending = [f for f in self.pending if not f.done()]
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+    def wait(self) -> None:
+        """Until every write so far is done; the first error raised here."""
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.cancel()  # after an error: what has not started is dropped
+
+    def cancel(self) -> None:
+        """Drop the writes that have not started."""
         for f in self.pending:
-            f.result()
+            f.cancel()
+        self.pending = []

@@ -2,6 +2,7 @@
 exactly; CNNs up to the rounding of grouped vs single convolutions)."""
 
 import dataclasses
+import time
 from pathlib import Path
 
 import optuna
@@ -304,11 +305,15 @@ def test_the_snapshot_storage_is_only_lent_for_the_ask(tiny_cfg: Config, monkeyp
         running = study._storage.get_all_trials(study._study_id, deepcopy=False,
                                                 states=(optuna.trial.TrialState.RUNNING,))
         seen.append(len(running))
+        before.append([t.params for t in running])
         return suggest(trial, space, depth)
 
+    before: list[list[dict]] = []
     monkeypatch.setattr(population.search_space, "suggest", counting)
     asked = population.ask(study, tiny_cfg, 3)
     assert seen == [0, 1, 2]  # each member sees the members asked before it (running)
+    stored = [t.params for t in study.get_trials()]  # ... with the params they were given
+    assert before[2] == stored[:2] and all(stored)
     assert study._storage is real and all(t.storage is real for t, _ in asked)
 
     def broken(trial, space, depth):
@@ -356,3 +361,116 @@ def test_a_refused_metrics_write_fails_the_population(tiny_cfg: Config, monkeypa
     assert all("the store refused the write" in t.user_attrs[keys.ERROR] for t in study.trials)
     # Found after the first epoch (the write runs on a background thread), not after the third.
     assert {t.user_attrs[EPOCHS_RUN] for t in study.trials} <= {1, 2}
+
+
+def test_a_refused_run_end_is_raised_after_every_member_is_told(tiny_cfg: Config, monkeypatch):
+    """Run ends go through the population's background writer: a store that refuses them
+    stops the study with its error, but only after Optuna has every member's result."""
+    from sweeper.tracking import Tracker
+
+    def refuse(self, run_id, state, metrics, error=None, status=None):
+        raise RuntimeError("the store refused the end")
+
+    monkeypatch.setattr(Tracker, "end_trial", refuse)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 3, 3
+    tiny_cfg.search.pruner = "none"
+    with pytest.raises(RuntimeError, match="refused the end"):
+        run_study(tiny_cfg)
+    study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+
+
+def test_member_runs_hold_params_metrics_and_end_in_order(tiny_cfg: Config):
+    """Runs are made, and their params logged, on the background writer: each member's run
+    has its own params, every epoch's metrics and its end state."""
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 3, 3
+    tiny_cfg.search.pruner = "none"
+    tiny_cfg.search.space = {"lr": ParamSpec("float", low=1e-4, high=3e-3, log=True)}
+    study = run_study(tiny_cfg)
+    client = MlflowClient(tracking_uri=tiny_cfg.tracking.uri)
+    for t in study.trials:
+        run = client.get_run(t.user_attrs[keys.MLFLOW_RUN_ID])
+        assert run.info.status == "FINISHED" and run.data.tags[keys.TRIAL_TAG] == str(t.number)
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert run.data.params[keys.POPULATION] == "3"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, VAL_ACC)]
+        assert sorted(steps) == [1, 2]
+
+
+def test_an_out_of_memory_population_runs_again_in_halves(tiny_cfg: Config, monkeypatch):
+    """A population that runs out of memory despite the estimate: its trials fail saying so
+    (not counted as failures in a row), their configurations are queued again, and they train
+    in populations at most half as big."""
+    monkeypatch.setattr(population, "_OOM_CAP", {})
+    sizes: list[int] = []
+    fit = population.fit_population
+
+    def small_memory(module, specs, splits, on_epoch):
+        sizes.append(len(specs))
+        if len(specs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fit(module, specs, splits, on_epoch)
+
+    monkeypatch.setattr(population, "fit_population", small_memory)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 4, 4
+    tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 2
+    tiny_cfg.search.space = {"lr": ParamSpec("float", low=1e-4, high=3e-3, log=True)}
+    study = run_study(tiny_cfg)
+    assert sizes == [4, 2, 2]
+    trials = study.trials
+    failed, retried = trials[:4], trials[4:]
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in failed)
+    assert all("out of memory in a population of 4" in t.user_attrs[keys.ERROR] and
+               t.user_attrs[keys.SPLIT_AFTER_OOM] == 2 for t in failed)
+    assert [t.state for t in retried] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert [t.user_attrs[keys.RETRY_OF] for t in retried] == [0, 1, 2, 3]
+    assert [t.params for t in retried] == [t.params for t in failed]
+
+
+def test_a_population_of_two_out_of_memory_retries_one_by_one(tiny_cfg: Config, monkeypatch):
+    monkeypatch.setattr(population, "_OOM_CAP", {})
+    sizes: list[int] = []
+    fit = population.fit_population
+
+    def small_memory(module, specs, splits, on_epoch):
+        sizes.append(len(specs))
+        if len(specs) > 1:
+            raise MemoryError()
+        return fit(module, specs, splits, on_epoch)
+
+    monkeypatch.setattr(population, "fit_population", small_memory)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
+    tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 2
+    study = run_study(tiny_cfg)
+    assert sizes == [2, 1, 1]
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_runs_made_before_a_failing_build_are_ended(tiny_cfg: Config, monkeypatch, failure):
+    """Member runs are made on the writer's thread while the population is built: when the
+    build fails (or Ctrl-C), the runs already made end FAILED (KILLED) instead of staying
+    RUNNING."""
+    build = population.build_population
+
+    def broken(specs, splits):
+        if len(specs) == 1:  # the memory estimate's population of one
+            return build(specs, splits)
+        client = MlflowClient(tracking_uri=tiny_cfg.tracking.uri)
+        deadline = time.time() + 30
+        while len(client.search_runs(client.get_experiment_by_name("tiny").experiment_id,
+                                     filter_string=f"tags.`{ROLE_TAG}` = 'trial'")) < 2:
+            assert time.time() < deadline, "the member runs were never made"
+            time.sleep(0.05)  # the runs get made meanwhile, on the writer's thread
+        raise failure("cannot build")
+
+    monkeypatch.setattr(population, "build_population", broken)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
+    tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 2
+    with pytest.raises(UserError if failure is RuntimeError else KeyboardInterrupt):
+        run_study(tiny_cfg)
+    client = MlflowClient(tracking_uri=tiny_cfg.tracking.uri)
+    runs = client.search_runs(client.get_experiment_by_name("tiny").experiment_id,
+                              filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+    status = "FAILED" if failure is RuntimeError else "KILLED"
+    assert len(runs) == 2 and {r.info.status for r in runs} == {status}
