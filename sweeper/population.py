@@ -185,9 +185,14 @@ def capacity(spec: training.TrialSpec, splits: Splits) -> int:
     return min(fit, _OOM_CAP.get(key, fit))
 
 
+# Out-of-memory errors that arrive as a plain RuntimeError: the CUDA driver's, cuBLAS's and
+# cuDNN's allocation failures, and the CPU allocator's.
+OOM_MESSAGES = ("out of memory", "ALLOC_FAILED", "can't allocate memory")
+
+
 def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError | MemoryError) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # CPU allocator
+        isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES))
 
 
 def after_out_of_memory(spec: training.TrialSpec, splits: Splits, size: int) -> int:
@@ -264,7 +269,7 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
     t0 = time.perf_counter()
     module = None
     writes = BackgroundWrites(tracker)  # MLflow after each run's creation, in order
-    retry_cap = 0  # > 0: the population ran out of memory, its trials run again this small
+    retry_cap, retried = 0, []  # out of memory: these members run again, populations <= cap
     runs: list[futures.Future[str]] = []
     stored = False  # the trials name their runs (keys.MLFLOW_RUN_ID)
 
@@ -303,9 +308,12 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
                                     cfg.search.heartbeat_interval_s):
                 n_params = count_params(build_model(specs[0].arch, splits.in_shape,
                                                     splits.n_classes))
-                runs += [writes.start_trial(parent, m.trial.number, m.spec.mlflow_params() | {
-                    keys.N_PARAMS: n_params, keys.POPULATION: len(members)},
-                    {keys.DATA_TAG: splits.source}) for m in members]
+                for m in members:  # a loop: on Ctrl-C, runs holds every run asked for
+                    runs.append(writes.start_trial(
+                        parent, m.trial.number,
+                        m.spec.mlflow_params() | {keys.N_PARAMS: n_params,
+                                                  keys.POPULATION: len(members)},
+                        {keys.DATA_TAG: splits.source}))
                 module = build_population(specs, splits)  # while the runs are made
                 for m, run in zip(members, runs, strict=True):
                     m.run_id = run.result()
@@ -317,32 +325,39 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
                 fit_population(module, specs, splits, on_epoch)
                 writes.wait()  # a store that refused a write fails the population
         except BaseException as e:
-            writes.cancel()  # what is queued behind a failure or Ctrl-C is dropped
-            futures.wait(runs)  # runs already made are ended below, not left RUNNING
+            interrupted = not isinstance(e, Exception)
+            # Queued metrics are dropped (on Ctrl-C the runs not yet made too); the runs
+            # already made are ended below, not left RUNNING.
+            writes.cancel(everything=interrupted)
+            futures.wait(runs)
             for m, run in zip(members, runs, strict=False):
                 if m.run_id is None and not run.cancelled() and run.exception() is None:
                     m.run_id = run.result()
-            if not isinstance(e, Exception):  # Ctrl-C: the study loop releases the trials
+            if interrupted:  # the study loop releases the trials
                 if not stored:  # ... and their runs, once the trials name them
                     for m in members:
                         if m.run_id is not None:
                             tracker.end_trial(m.run_id, "FAIL", {}, error="interrupted",
                                               status="KILLED")
                 raise
-            error = one_line(e)  # the whole population fails
-            if out_of_memory(e) and len(members) > 1:  # its trials run again, in halves
+            # The population fails: its members still training end FAIL (pruned or diverged
+            # ones keep their own end).
+            training_members = [m for m in members if not m.pruned and m.error is None]
+            error = one_line(e)
+            if out_of_memory(e) and len(members) > 1:  # those run again, in halves
                 retry_cap = after_out_of_memory(specs[0], splits, len(members))
                 error = (f"out of memory in a population of {len(members)} (despite the "
                          f"memory estimate): queued again for populations of at most "
                          f"{retry_cap} ({error})")
-            for m in members:
-                m.error = m.error or error
+                retried = training_members
+            for m in training_members:
+                m.error = error
             if cfg.debug:
                 traceback.print_exc()
         seconds = time.perf_counter() - t0
-        if retry_cap:  # marked before the FAIL is told, so no reader counts it as a failure
+        if retried:  # marked before the FAIL is told, so no reader counts it as a failure
             trial_writes.set_user_attrs({m.trial: {keys.SPLIT_AFTER_OOM: retry_cap}
-                                         for m in members})
+                                         for m in retried})
         nets: dict[int, torch.nn.Module] = {}
         if module is not None:
             for i, m in enumerate(members):
@@ -356,9 +371,9 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
             done.append(conclude(study, m.trial, cfg, splits, writes, m.run_id, m.spec.arch,
                                  history, nets.get(i), m.pruned, m.error, seconds,
                                  save_weights=i in save, drop_weights=False))
-        if retry_cap:
-            for m in members:
+            if m in retried:  # queued again right after its FAIL, so nothing falls between
                 outcome.requeue(study, m.trial)
+        if retried:
             module = None
             if splits.x_train.device.type == "cuda":  # the failed population's cached blocks
                 gc.collect()

@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from sweeper import keys, stores
@@ -196,50 +196,68 @@ class Tracker:
 
 
 class BackgroundWrites:
-    """A population's MLflow writes after each run's creation (its params, per-epoch metrics,
-    its end) on one background thread, in order. One write per member and epoch is ~5 ms in the
-    SQLite store here: on the main thread they stall the device between epochs; here they
-    overlap training. wait() waits for every write so far and raises the first error."""
+    """A population's MLflow writes (its runs' creation, params, per-epoch metrics, ends) on one
+    background thread, in order. One write per member and epoch is ~5 ms in the SQLite store
+    here: on the main thread they stall the device between epochs; here they overlap
+    training. wait() waits for every write so far and raises the first error."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-writes")
-        self.pending: list[Future[None]] = []
+        self.pending: list[Future[Any]] = []
+        self.droppable: set[Future[Any]] = set()  # per-epoch metrics
 
-    def _submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        self.pending.append(self.pool.submit(fn, *args, **kwargs))
+    def _submit(self, fn: Callable[..., Any], *args: Any, droppable: bool = False) -> Future[Any]:
+        f = self.pool.submit(fn, *args)
+        self.pending.append(f)
+        if droppable:
+            self.droppable.add(f)
+        return f
 
     def start_trial(self, parent_id: str, number: int, params: dict[str, Any],
                     tags: dict[str, str]) -> Future[str]:
-        """The run's id once it is made (its params are logged after)."""
-        run = self.pool.submit(self.tracker.create_trial_run, parent_id, number, tags)
-        self._submit(lambda: self.tracker.log_params(run.result(), params))
+        """The run's id once it is made (its params are logged right after)."""
+        run: Future[str] = self._submit(self.tracker.create_trial_run, parent_id, number, tags)
+        self._submit(self._log_params, run, params)
         return run
 
+    def _log_params(self, run: Future[str], params: dict[str, Any]) -> None:
+        if not run.cancelled():  # a run never made has no params to log
+            self.tracker.log_params(run.result(), params)
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        self._submit(self.tracker.log_metrics, run_id, metrics, step)
+        self._submit(self.tracker.log_metrics, run_id, metrics, step, droppable=True)
 
     def end_trial(self, run_id: str, state: str, metrics: dict[str, float],
                   error: str | None = None, status: str | None = None) -> None:
         self._submit(self.tracker.end_trial, run_id, state, metrics, error, status)
 
+    def _failed(self, f: Future[Any]) -> BaseException | None:
+        return None if f.cancelled() else f.exception()
+
     def raise_if_failed(self) -> None:
         """The first error of a write already done, raised here (between epochs)."""
         for f in self.pending:
-            if f.done() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
+            if f.done() and (e := self._failed(f)) is not None:
+                raise e
         self.pending = [f for f in self.pending if not f.done()]
+        self.droppable &= set(self.pending)
 
     def wait(self) -> None:
-        """Until every write so far is done; the first error raised here."""
-        try:
-            for f in self.pending:
-                f.result()
-        finally:
-            self.cancel()  # after an error: what has not started is dropped
+        """Until every write so far is done (one refused write does not stop the others); the
+        first error raised here."""
+        pending, self.pending, self.droppable = self.pending, [], set()
+        wait(pending)
+        for f in pending:
+            if (e := self._failed(f)) is not None:
+                raise e
 
-    def cancel(self) -> None:
-        """Drop the writes that have not started."""
+    def cancel(self, everything: bool = False) -> None:
+        """After a failure: drop the per-epoch metrics writes that have not started and forget
+        the others' errors (the failure is what is reported); everything: all writes."""
         for f in self.pending:
-            f.cancel()
-        self.pending = []
+            if everything or f in self.droppable:
+                f.cancel()
+        self.pending = [f for f in self.pending
+                        if f not in self.droppable and not f.cancelled()]
+        self.droppable = set()

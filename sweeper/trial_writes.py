@@ -13,6 +13,7 @@ Optuna) the public per-value calls run instead: slower, same result.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -81,7 +82,8 @@ def _insert(session: Session, backend: optuna.storages.RDBStorage, model: Any,
     """Insert rows; a row whose `upsert_on` columns exist already updates `update` there."""
     dialect = backend.engine.name
     for chunk in _chunks(rows):
-        if dialect in ("sqlite", "postgresql"):
+        if dialect == "postgresql" or (dialect == "sqlite" and
+                                       sqlite3.sqlite_version_info >= (3, 24, 0)):  # upsert
             from sqlalchemy.dialects import postgresql, sqlite
 
             upsert: Any = (sqlite if dialect == "sqlite" else postgresql).insert(model)
@@ -128,8 +130,12 @@ def set_user_attrs(attrs: Mapping[optuna.Trial, Mapping[str, Any]]) -> None:
 
 
 def report(values: Mapping[optuna.Trial, float], step: int) -> None:
-    """trial.report(value, step) for every trial, in one transaction. As in Trial.report, a step
-    a trial has already reported keeps its first value."""
+    """trial.report(value, step) for every trial (single-objective studies), in one
+    transaction. As in Trial.report, a step a trial has already reported keeps its first value
+    (without Trial.report's warning)."""
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"step={step} must be non-negative")
     trials = list(values)
     backend = _rdb(trials)
     if backend is None:

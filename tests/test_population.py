@@ -2,6 +2,7 @@
 exactly; CNNs up to the rounding of grouped vs single convolutions)."""
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -474,3 +475,30 @@ def test_runs_made_before_a_failing_build_are_ended(tiny_cfg: Config, monkeypatc
                               filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
     status = "FAILED" if failure is RuntimeError else "KILLED"
     assert len(runs) == 2 and {r.info.status for r in runs} == {status}
+
+
+def test_out_of_memory_reruns_only_the_members_still_training(tiny_cfg: Config, monkeypatch):
+    """A member that had diverged before the population ran out of memory keeps its own end
+    (FAIL, diverged, counted as a failure); only the others are queued again."""
+    monkeypatch.setattr(population, "_OOM_CAP", {})
+    sizes: list[int] = []
+    fit = population.fit_population
+
+    def diverge_then_oom(module, specs, splits, on_epoch):
+        sizes.append(len(specs))
+        if len(specs) < 3:
+            return fit(module, specs, splits, on_epoch)
+        on_epoch(1, {0: {VAL_ACC: math.nan}, 1: {VAL_ACC: 0.5}, 2: {VAL_ACC: 0.5}})
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(population, "fit_population", diverge_then_oom)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 3, 3
+    tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 3
+    study = run_study(tiny_cfg)
+    trials = study.trials
+    assert sizes == [3, 1, 1, 1]
+    assert "diverged" in trials[0].user_attrs[keys.ERROR]
+    assert keys.SPLIT_AFTER_OOM not in trials[0].user_attrs
+    assert all(keys.SPLIT_AFTER_OOM in t.user_attrs for t in trials[1:3])
+    assert [t.user_attrs.get(keys.RETRY_OF) for t in trials[3:]] == [1, 2, None]
+    assert [t.state.name for t in trials] == ["FAIL"] * 3 + ["COMPLETE"] * 3

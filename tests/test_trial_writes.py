@@ -121,3 +121,35 @@ def test_other_storages_take_the_public_calls() -> None:
     trial_writes.report({t: 0.5 for t in trials}, 2)
     assert [t.user_attrs for t in study.get_trials()] == [{"k": 0}, {"k": 1}]
     assert [t.intermediate_values for t in study.get_trials()] == [{2: 0.5}] * 2
+
+
+def test_unknown_trials_and_mixed_batches_write_nothing(tmp_path: Path) -> None:
+    """All or nothing: one finished (or unknown) trial in a batch refuses the whole write."""
+    study = optuna.create_study(storage=storage(tmp_path), study_name="s")
+    running, done = study.ask(), study.ask()
+    study.tell(done, 1.0)
+    with pytest.raises(UpdateFinishedTrialError):
+        trial_writes.set_user_attrs({running: {"a": 1}, done: {"a": 1}})
+    with pytest.raises(UpdateFinishedTrialError):
+        trial_writes.report({running: 0.5, done: 0.5}, 1)
+    ghost = study.ask()
+    ghost._trial_id = 10_000  # no such trial in the storage
+    with pytest.raises(KeyError, match="no trial with trial_id 10000"):
+        trial_writes.set_user_attrs({running: {"a": 1}, ghost: {"a": 1}})
+    stored = frozen(study._storage._backend.url, "s")[0]
+    assert stored.user_attrs == {} and stored.intermediate_values == {}
+    with pytest.raises(ValueError, match="non-negative"):
+        trial_writes.report({running: 0.5}, -1)
+
+
+def test_old_sqlite_writes_row_by_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before SQLite 3.24 (no upsert) attributes go row by row in the same transaction."""
+    monkeypatch.setattr(trial_writes.sqlite3, "sqlite_version_info", (3, 23, 0))
+    s = storage(tmp_path)
+    study = optuna.create_study(storage=s, study_name="s")
+    trials = [study.ask() for _ in range(2)]
+    trial_writes.set_user_attrs({t: {"a": 0} for t in trials})
+    n = commits(s)
+    trial_writes.set_user_attrs({t: {"a": t.number + 1, "b": "x"} for t in trials})
+    assert n[0] == 1
+    assert [t.user_attrs for t in frozen(s.url, "s")] == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
