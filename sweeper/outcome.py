@@ -33,10 +33,11 @@ def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Spli
              arch: Architecture | None, history: list[dict[str, float]],
              net: torch.nn.Module | None, pruned: bool,
              error: str | None, seconds: float, save_weights: bool = True,
-             drop_weights: bool = True) -> FrozenTrial:
+             drop_weights: bool = True, run_again: bool = False) -> FrozenTrial:
     """Tell Optuna how the trial ended, keep its weights if it is among the best, end its run.
     A population decides once for all its members: save_weights=False for members outside the
-    top k (their file is never written), drop_weights=False (keep_top_k runs once after)."""
+    top k (their file is never written), drop_weights=False (keep_top_k runs once after).
+    run_again: a failed trial's configuration is queued again right after its FAIL."""
     summary: dict[str, float] = {EPOCHS_RUN: len(history)}
     attrs: dict[str, Any] = {}  # written in one transaction, just before the tell
     if history:
@@ -49,6 +50,8 @@ def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Spli
     if error is not None:
         trial_writes.set_user_attrs({trial: attrs | {keys.ERROR: error}})
         study.tell(trial, state=TrialState.FAIL)
+        if run_again:  # (one lost between the two: requeue_lost_splits at the next start)
+            requeue(study, trial)
         state = "FAIL"
     elif pruned:
         trial_writes.set_user_attrs({trial: attrs})
@@ -86,6 +89,19 @@ def requeue(study: optuna.Study, trial: AnyTrial) -> None:
     """Queue the trial's configuration to run first, as a new trial that names its original."""
     if trial.params:
         study.enqueue_trial(trial.params, user_attrs={keys.RETRY_OF: trial.number})
+
+
+def requeue_lost_splits(study: optuna.Study) -> list[int]:
+    """Trials of an out-of-memory population (keys.SPLIT_AFTER_OOM) whose configuration was
+    never queued again (Ctrl-C or a kill between the FAIL and the queueing): queued now.
+    Returns their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    queued = {t.user_attrs.get(keys.RETRY_OF) for t in trials}
+    lost = [t for t in trials if t.state == TrialState.FAIL
+            and keys.SPLIT_AFTER_OOM in t.user_attrs and t.number not in queued]
+    for t in lost:
+        requeue(study, t)
+    return [t.number for t in lost]
 
 
 def release(study: optuna.Study, trial: AnyTrial, tracker: Tracker, why: str,

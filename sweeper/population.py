@@ -47,7 +47,6 @@ from sweeper import (
     keys,
     liveness,
     objectives,
-    outcome,
     search_space,
     training,
     trial_writes,
@@ -269,7 +268,8 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
     t0 = time.perf_counter()
     module = None
     writes = BackgroundWrites(tracker)  # MLflow after each run's creation, in order
-    retry_cap, retried = 0, []  # out of memory: these members run again, populations <= cap
+    retry_cap = 0  # out of memory: members `retried` run again in populations <= retry_cap
+    retried: set[int] = set()
     runs: list[futures.Future[str]] = []
     stored = False  # the trials name their runs (keys.MLFLOW_RUN_ID)
 
@@ -342,22 +342,22 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
                 raise
             # The population fails: its members still training end FAIL (pruned or diverged
             # ones keep their own end).
-            training_members = [m for m in members if not m.pruned and m.error is None]
+            training = [i for i, m in enumerate(members) if not m.pruned and m.error is None]
             error = one_line(e)
             if out_of_memory(e) and len(members) > 1:  # those run again, in halves
                 retry_cap = after_out_of_memory(specs[0], splits, len(members))
                 error = (f"out of memory in a population of {len(members)} (despite the "
                          f"memory estimate): queued again for populations of at most "
                          f"{retry_cap} ({error})")
-                retried = training_members
-            for m in training_members:
-                m.error = error
+                retried = set(training)
+            for i in training:
+                members[i].error = error
             if cfg.debug:
                 traceback.print_exc()
         seconds = time.perf_counter() - t0
         if retried:  # marked before the FAIL is told, so no reader counts it as a failure
-            trial_writes.set_user_attrs({m.trial: {keys.SPLIT_AFTER_OOM: retry_cap}
-                                         for m in retried})
+            trial_writes.set_user_attrs({members[i].trial: {keys.SPLIT_AFTER_OOM: retry_cap}
+                                         for i in retried})
         nets: dict[int, torch.nn.Module] = {}
         if module is not None:
             for i, m in enumerate(members):
@@ -370,9 +370,8 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
             # The MLflow run ends on the writer's thread, behind the member's other writes.
             done.append(conclude(study, m.trial, cfg, splits, writes, m.run_id, m.spec.arch,
                                  history, nets.get(i), m.pruned, m.error, seconds,
-                                 save_weights=i in save, drop_weights=False))
-            if m in retried:  # queued again right after its FAIL, so nothing falls between
-                outcome.requeue(study, m.trial)
+                                 save_weights=i in save, drop_weights=False,
+                                 run_again=i in retried))
         if retried:
             module = None
             if splits.x_train.device.type == "cuda":  # the failed population's cached blocks

@@ -256,7 +256,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     if done >= target:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")
-    status, failures, waiting, failing = "FINISHED", 0, False, False
+    status, failures, waiting, failing, first = "FINISHED", 0, False, False, True
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # signal handlers can only be set from the main thread
         previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -266,6 +266,11 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                 for number in outcome.recover_dead_trials(study, tracker):
                     print(f"trial {number} was left running by a process that died: marked "
                           "failed, its configuration queued again", flush=True)
+                if first:
+                    first = False
+                    if lost := outcome.requeue_lost_splits(study):
+                        print(f"trial(s) {', '.join(map(str, lost))} of a population that ran "
+                              "out of memory were never queued again: queued now", flush=True)
                 # Running trials of other workers count: they will finish (or be retried).
                 elsewhere = n_running(study)
                 asked = ask(study, cfg, min(target - n_finished(study) - elsewhere,

@@ -206,6 +206,7 @@ class BackgroundWrites:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-writes")
         self.pending: list[Future[Any]] = []
         self.droppable: set[Future[Any]] = set()  # per-epoch metrics
+        self.params: set[Future[Any]] = set()  # each run's params, behind its creation
 
     def _submit(self, fn: Callable[..., Any], *args: Any, droppable: bool = False) -> Future[Any]:
         f = self.pool.submit(fn, *args)
@@ -218,10 +219,11 @@ class BackgroundWrites:
                     tags: dict[str, str]) -> Future[str]:
         """The run's id once it is made (its params are logged right after)."""
         run: Future[str] = self._submit(self.tracker.create_trial_run, parent_id, number, tags)
-        self._submit(self._log_params, run, params)
+        self.params.add(self._submit(self._log_params, run, params))
         return run
 
     def _log_params(self, run: Future[str], params: dict[str, Any]) -> None:
+        # Kept on Ctrl-C (cancel(everything=True)): a run that was made keeps its params.
         if not run.cancelled():  # a run never made has no params to log
             self.tracker.log_params(run.result(), params)
 
@@ -246,18 +248,18 @@ class BackgroundWrites:
     def wait(self) -> None:
         """Until every write so far is done (one refused write does not stop the others); the
         first error raised here."""
+        wait(list(self.pending))  # pending stays as it is until then: Ctrl-C can still cancel
         pending, self.pending, self.droppable = self.pending, [], set()
-        wait(pending)
         for f in pending:
             if (e := self._failed(f)) is not None:
                 raise e
 
     def cancel(self, everything: bool = False) -> None:
-        """After a failure: drop the per-epoch metrics writes that have not started and forget
-        the others' errors (the failure is what is reported); everything: all writes."""
+        """After a failure: drop the per-epoch metrics writes that have not started, and forget
+        the errors of writes already done (the failure is what is reported); everything
+        (Ctrl-C): also the runs not yet made."""
         for f in self.pending:
-            if everything or f in self.droppable:
+            if f in self.droppable or (everything and f not in self.params):
                 f.cancel()
-        self.pending = [f for f in self.pending
-                        if f not in self.droppable and not f.cancelled()]
+        self.pending = [f for f in self.pending if f not in self.droppable and not f.done()]
         self.droppable = set()

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from lightning_modules.metrics import EPOCH_METRICS, EPOCHS_RUN, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import checkpoints, data, keys, population, training
+from sweeper import checkpoints, data, keys, outcome, population, training
 from sweeper.config import AugmentConfig, Config, DataConfig, ParamSpec
 from sweeper.errors import UserError
 from sweeper.keys import ROLE_TAG
@@ -475,11 +475,13 @@ def test_runs_made_before_a_failing_build_are_ended(tiny_cfg: Config, monkeypatc
                               filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
     status = "FAILED" if failure is RuntimeError else "KILLED"
     assert len(runs) == 2 and {r.info.status for r in runs} == {status}
+    if failure is RuntimeError:  # a failed population's runs keep their params
+        assert all(r.data.params.get("lr") for r in runs)
 
 
 def test_out_of_memory_reruns_only_the_members_still_training(tiny_cfg: Config, monkeypatch):
     """A member that had diverged before the population ran out of memory keeps its own end
-    (FAIL, diverged, counted as a failure); only the others are queued again."""
+    (FAIL, diverged); only the others are queued again."""
     monkeypatch.setattr(population, "_OOM_CAP", {})
     sizes: list[int] = []
     fit = population.fit_population
@@ -502,3 +504,43 @@ def test_out_of_memory_reruns_only_the_members_still_training(tiny_cfg: Config, 
     assert all(keys.SPLIT_AFTER_OOM in t.user_attrs for t in trials[1:3])
     assert [t.user_attrs.get(keys.RETRY_OF) for t in trials[3:]] == [1, 2, None]
     assert [t.state.name for t in trials] == ["FAIL"] * 3 + ["COMPLETE"] * 3
+
+
+def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, monkeypatch):
+    """Ctrl-C between an out-of-memory member's FAIL and its queueing: the next run queues
+    that configuration again (it is not running, so nothing else would)."""
+    monkeypatch.setattr(population, "_OOM_CAP", {})
+    fit = population.fit_population
+
+    def small_memory(module, specs, splits, on_epoch):
+        if len(specs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return fit(module, specs, splits, on_epoch)
+
+    real = outcome.requeue
+    calls: list[int] = []
+
+    def interrupted_once(study, trial):
+        calls.append(trial.number)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(study, trial)
+
+    monkeypatch.setattr(population, "fit_population", small_memory)
+    monkeypatch.setattr(outcome, "requeue", interrupted_once)
+    tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
+    tiny_cfg.search.pruner = "none"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_cfg)
+    first = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage).trials
+    assert keys.SPLIT_AFTER_OOM in first[0].user_attrs  # told FAIL, never queued
+    assert not any(t.user_attrs.get(keys.RETRY_OF) == 0 for t in first)
+    monkeypatch.setattr(population, "_OOM_CAP", {})  # a new process
+    study = run_study(tiny_cfg)
+    retries = {t.user_attrs.get(keys.RETRY_OF): t for t in study.trials}
+    assert retries[0].params == first[0].params
+    assert n_complete(study) == 2
+
+
+def n_complete(study: optuna.Study) -> int:
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

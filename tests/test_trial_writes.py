@@ -144,12 +144,18 @@ def test_unknown_trials_and_mixed_batches_write_nothing(tmp_path: Path) -> None:
 
 def test_old_sqlite_writes_row_by_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before SQLite 3.24 (no upsert) attributes go row by row in the same transaction."""
-    monkeypatch.setattr(trial_writes.sqlite3, "sqlite_version_info", (3, 23, 0))
     s = storage(tmp_path)
     study = optuna.create_study(storage=s, study_name="s")
     trials = [study.ask() for _ in range(2)]
-    trial_writes.set_user_attrs({t: {"a": 0} for t in trials})
+    statements: list[str] = []
+    event.listen(s.engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, *args: statements.append(sql))
+    trial_writes.set_user_attrs({trials[0]: {"a": 0}})
+    assert any("ON CONFLICT" in sql for sql in statements)  # this SQLite upserts
+    monkeypatch.setattr(trial_writes.sqlite3, "sqlite_version_info", (3, 23, 0))
+    trial_writes.set_user_attrs({trials[1]: {"a": 0}})
+    statements.clear()
     n = commits(s)
     trial_writes.set_user_attrs({t: {"a": t.number + 1, "b": "x"} for t in trials})
-    assert n[0] == 1
+    assert n[0] == 1 and not any("ON CONFLICT" in sql for sql in statements)
     assert [t.user_attrs for t in frozen(s.url, "s")] == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
