@@ -398,21 +398,29 @@ def test_member_runs_hold_params_metrics_and_end_in_order(tiny_cfg: Config):
         assert sorted(steps) == [1, 2]
 
 
-def test_an_out_of_memory_population_runs_again_in_halves(tiny_cfg: Config, monkeypatch):
-    """A population that runs out of memory despite the estimate: its trials fail saying so
-    (not counted as failures in a row), their configurations are queued again, and they train
-    in populations at most half as big."""
+def memory_for(monkeypatch, most: int, error: BaseException) -> list[int]:
+    """fit_population raises `error` for populations larger than `most` (a fresh process's
+    out-of-memory caps); returns the sizes it was called with."""
     monkeypatch.setattr(population, "_OOM_CAP", {})
     sizes: list[int] = []
     fit = population.fit_population
 
     def small_memory(module, specs, splits, on_epoch):
         sizes.append(len(specs))
-        if len(specs) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(specs) > most:
+            raise error
         return fit(module, specs, splits, on_epoch)
 
     monkeypatch.setattr(population, "fit_population", small_memory)
+    return sizes
+
+
+def test_an_out_of_memory_population_runs_again_in_halves(tiny_cfg: Config, monkeypatch):
+    """A population that runs out of memory despite the estimate: its trials fail saying so
+    (not counted as failures in a row), their configurations are queued again, and they train
+    in populations at most half as big."""
+    sizes = memory_for(monkeypatch, 2,
+                       torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 4, 4
     tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 2
     tiny_cfg.search.space = {"lr": ParamSpec("float", low=1e-4, high=3e-3, log=True)}
@@ -429,17 +437,7 @@ def test_an_out_of_memory_population_runs_again_in_halves(tiny_cfg: Config, monk
 
 
 def test_a_population_of_two_out_of_memory_retries_one_by_one(tiny_cfg: Config, monkeypatch):
-    monkeypatch.setattr(population, "_OOM_CAP", {})
-    sizes: list[int] = []
-    fit = population.fit_population
-
-    def small_memory(module, specs, splits, on_epoch):
-        sizes.append(len(specs))
-        if len(specs) > 1:
-            raise MemoryError()
-        return fit(module, specs, splits, on_epoch)
-
-    monkeypatch.setattr(population, "fit_population", small_memory)
+    sizes = memory_for(monkeypatch, 1, MemoryError())
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
     tiny_cfg.search.pruner, tiny_cfg.search.max_consecutive_failures = "none", 2
     study = run_study(tiny_cfg)
@@ -509,14 +507,7 @@ def test_out_of_memory_reruns_only_the_members_still_training(tiny_cfg: Config, 
 def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, monkeypatch):
     """Ctrl-C between an out-of-memory member's FAIL and its queueing: the next run queues
     that configuration again (it is not running, so nothing else would)."""
-    monkeypatch.setattr(population, "_OOM_CAP", {})
-    fit = population.fit_population
-
-    def small_memory(module, specs, splits, on_epoch):
-        if len(specs) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return fit(module, specs, splits, on_epoch)
-
+    memory_for(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory"))
     real = outcome.requeue
     calls: list[int] = []
 
@@ -526,7 +517,6 @@ def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, mo
             raise KeyboardInterrupt
         return real(study, trial)
 
-    monkeypatch.setattr(population, "fit_population", small_memory)
     monkeypatch.setattr(outcome, "requeue", interrupted_once)
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
     tiny_cfg.search.pruner = "none"
