@@ -161,3 +161,21 @@ def test_recipe_experiments_build_the_documented_networks(name, hidden, n_params
     assert spec.arch.hidden == hidden and spec.max_epochs == epochs
     assert count_params(build_model(spec.arch, (1, 28, 28), 10)) == n_params
     assert (cfg.confirm.seeds, cfg.confirm.test, cfg.search.n_trials) == (3, True, 1)
+    assert cfg.data.val_size == 5000  # 55k train / 5k validation of MNIST's 60k
+
+
+def test_cnn_deep_is_cnn_best_with_a_third_stage_and_longer():
+    # The docs attribute cnn_deep's gain to the extra stage and epochs alone.
+    import dataclasses
+
+    from sweeper.search_space import grid
+    from sweeper.training import resolve
+
+    def spec(name):
+        cfg = compose_cfg(f"+experiment={name}")
+        return cfg, resolve(cfg, {k: v[0] for k, v in grid(cfg.search.space).items()}, 0)
+
+    best_cfg, best = spec("cnn_best")
+    deep_cfg, deep = spec("cnn_deep")
+    assert dataclasses.replace(deep, arch=best.arch, max_epochs=best.max_epochs) == best
+    assert deep_cfg.data == best_cfg.data and deep_cfg.augment == best_cfg.augment
