@@ -144,6 +144,15 @@ def test_generalization_experiments_are_shaped_as_documented():
     assert grid(n.search.space)["width"][0] == 1 and n.search.sampler == "grid"
 
 
+def recipe_spec(name: str):
+    """A one-configuration experiment's config and the TrialSpec its trial trains."""
+    from sweeper.search_space import grid
+    from sweeper.training import resolve
+
+    cfg = compose_cfg(f"+experiment={name}")
+    return cfg, resolve(cfg, {k: v[0] for k, v in grid(cfg.search.space).items()}, 0)
+
+
 @pytest.mark.parametrize("name, hidden, n_params, epochs", [
     ("mlp_best", (1024, 1024), 1_863_690, 56),
     ("cnn_best", (32, 32, 64, 64), 96_554, 15),
@@ -153,11 +162,8 @@ def test_recipe_experiments_build_the_documented_networks(name, hidden, n_params
     # docs/experiments.md reports these recipes' test accuracy: the figures belong to exactly
     # this network and budget, trained with 3 seeds and measured on the test set.
     from lightning_modules.models import build_model, count_params
-    from sweeper.search_space import grid
-    from sweeper.training import resolve
 
-    cfg = compose_cfg(f"+experiment={name}")
-    spec = resolve(cfg, {k: v[0] for k, v in grid(cfg.search.space).items()}, 0)
+    cfg, spec = recipe_spec(name)
     assert spec.arch.hidden == hidden and spec.max_epochs == epochs
     assert count_params(build_model(spec.arch, (1, 28, 28), 10)) == n_params
     assert (cfg.confirm.seeds, cfg.confirm.test, cfg.search.n_trials) == (3, True, 1)
@@ -168,14 +174,7 @@ def test_cnn_deep_is_cnn_best_with_a_third_stage_and_longer():
     # The docs attribute cnn_deep's gain to the extra stage and epochs alone.
     import dataclasses
 
-    from sweeper.search_space import grid
-    from sweeper.training import resolve
-
-    def spec(name):
-        cfg = compose_cfg(f"+experiment={name}")
-        return cfg, resolve(cfg, {k: v[0] for k, v in grid(cfg.search.space).items()}, 0)
-
-    best_cfg, best = spec("cnn_best")
-    deep_cfg, deep = spec("cnn_deep")
+    best_cfg, best = recipe_spec("cnn_best")
+    deep_cfg, deep = recipe_spec("cnn_deep")
     assert dataclasses.replace(deep, arch=best.arch, max_epochs=best.max_epochs) == best
     assert deep_cfg.data == best_cfg.data and deep_cfg.augment == best_cfg.augment
