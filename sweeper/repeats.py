@@ -117,11 +117,15 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
                 if path.is_file():
                     net, _ = checkpoints.load(path)
                     study.set_user_attr(key, {TEST_ACC: training.accuracy(net, *test)})
+    grace = cfg.search.heartbeat_grace_s
     todo = [(t, k) for t in chosen for k in range(1, c.seeds)]
+    # A resume (say with more seeds) trains only the repeats not done yet: say how many.
+    left = sum(not _taken(study.user_attrs.get(f"{keys.REPEAT}.{t.number}.{k}"), grace)
+               for t, k in todo)
     print(f"\nconfirming {len(chosen)} configurations (top {c.top_k}"
           + (f" + a ladder of {c.ladder} sizes" if c.ladder else "")
-          + f") with {c.seeds} seeds each: {len(todo)} repeat runs", flush=True)
-    grace = cfg.search.heartbeat_grace_s
+          + f") with {c.seeds} seeds each: {len(todo)} repeat runs"
+          + (f", {left} still to train" if left < len(todo) else ""), flush=True)
     size = cfg.search.population
     for t in chosen:
         ks = [k for k in range(1, c.seeds)  # claimed again under the lock below

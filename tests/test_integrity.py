@@ -160,6 +160,20 @@ def test_an_error_in_a_seed_repeat_fails_that_repeat_not_the_run(tiny_cfg, monke
                                         ).user_attrs[f"{keys.REPEAT}.{best}.1"]
 
 
+
+def test_more_seeds_on_resume_trains_and_announces_only_the_new_ones(tiny_cfg, monkeypatch,
+                                                                     capsys):
+    tiny_cfg.search.pruner = "none"
+    tiny_cfg.confirm.seeds, tiny_cfg.confirm.top_k = 2, 1
+    run_study(tiny_cfg)
+    assert "with 2 seeds each: 1 repeat runs\n" in capsys.readouterr().out
+    fit, calls = training.fit, []
+    monkeypatch.setattr(training, "fit", lambda *a, **kw: calls.append(1) or fit(*a, **kw))
+    tiny_cfg.confirm.seeds = 3
+    run_study(tiny_cfg)  # before: "2 repeat runs" while only seed 2 trained
+    assert "with 3 seeds each: 2 repeat runs, 1 still to train" in capsys.readouterr().out
+    assert len(calls) == 1
+
 @pytest.mark.parametrize("pop", [1, 2])
 def test_an_unexpected_error_fails_the_run_with_its_message(tiny_cfg, monkeypatch, pop):
     tiny_cfg.search.population, tiny_cfg.search.pruner = pop, "none"
