@@ -120,8 +120,8 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
     grace = cfg.search.heartbeat_grace_s
     todo = [(t, k) for t in chosen for k in range(1, c.seeds)]
     # A resume (say with more seeds) trains only the repeats not done yet: say how many.
-    left = sum(not _taken(study.user_attrs.get(f"{keys.REPEAT}.{t.number}.{k}"), grace)
-               for t, k in todo)
+    attrs = study.user_attrs  # one storage read, not one per repeat
+    left = sum(not _taken(attrs.get(f"{keys.REPEAT}.{t.number}.{k}"), grace) for t, k in todo)
     print(f"\nconfirming {len(chosen)} configurations (top {c.top_k}"
           + (f" + a ladder of {c.ladder} sizes" if c.ladder else "")
           + f") with {c.seeds} seeds each: {len(todo)} repeat runs"
