@@ -253,6 +253,8 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
               f"objectives {', '.join(f'{m} ({d})' for m, d in s.objectives.items())}, no "
               "pruning (Optuna cannot prune multi-objective trials)" if objectives.multi(cfg)
               else f"pruner {s.pruner}") + f", {cfg.trainer.max_epochs} epochs max", flush=True)
+    if note := training.bf16_note(cfg.trainer.precision, device):
+        print(note, flush=True)
     if done >= target:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")

@@ -93,3 +93,18 @@ def _check_precision_setting() -> None:
     assert module.trainer.precision == "bf16-mixed"
     assert module.history[-1][VAL_ACC] > 0.8
     assert dataclasses.replace(spec, precision="32").mlflow_params()["precision"] == "32"
+
+
+def test_bf16_note_only_where_bfloat16_would_be_emulated(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    note = training.bf16_note("bf16", cpu)
+    assert note is not None and "trainer.precision=32" in note and "AVX512-BF16" in note
+    assert training.bf16_note("32", cpu) is None and training.bf16_note("tf32", cpu) is None
+    for native in ({"avx512_bf16": True}, {"amx_tile": True}):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda native=native: native)
+        assert training.bf16_note("bf16", cpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: False)
+    assert "this GPU" in (training.bf16_note("bf16", torch.device("cuda")) or "")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: True)
+    assert training.bf16_note("bf16", torch.device("cuda")) is None
