@@ -281,7 +281,11 @@ def refit_splits(cfg: Config) -> Any:
     printed while a refit trains are then training metrics)."""
     from sweeper import data, training
 
-    splits = data.load_splits(cfg.data, cfg.seed, training.accelerator(cfg.trainer.accelerator))
+    device = training.accelerator(cfg.trainer.accelerator)
+    if note := training.bf16_note(cfg.trainer.precision, device):
+        print(f"{note}; --refit trains with the study's recipe, so it is slow here",
+              flush=True)
+    splits = data.load_splits(cfg.data, cfg.seed, device)
     splits.x_train = torch.cat([splits.x_train, splits.x_val])
     splits.y_train = torch.cat([splits.y_train, splits.y_val])
     return splits

@@ -215,6 +215,10 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     # written: a refused run leaves nothing behind.
     try:
         device = training.accelerator(cfg.trainer.accelerator)
+        if note := training.bf16_note(cfg.trainer.precision, device):
+            # before the study exists: precision is part of its identity
+            print(f"{note}; to train in float32, stop and add trainer.precision=32 with a new "
+                  "search.study_name", flush=True)
         if splits is None:
             splits = data.load_splits(cfg.data, cfg.seed, device)
         stores.check_reachable(cfg.tracking.uri, "tracking.uri")
@@ -253,8 +257,6 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
               f"objectives {', '.join(f'{m} ({d})' for m, d in s.objectives.items())}, no "
               "pruning (Optuna cannot prune multi-objective trials)" if objectives.multi(cfg)
               else f"pruner {s.pruner}") + f", {cfg.trainer.max_epochs} epochs max", flush=True)
-    if note := training.bf16_note(cfg.trainer.precision, device):
-        print(note, flush=True)
     if done >= target:
         print(f"nothing to do: the study already has {done} finished trials "
               f"(raise search.n_trials to add more)")

@@ -154,23 +154,27 @@ def accelerator(name: str) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
+def _mkldnn_bf16() -> bool:
+    # oneDNN runs torch's CPU bf16 matmuls; it may be capped below the CPU (ONEDNN_MAX_CPU_ISA).
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def bf16_note(precision: str, device: torch.device) -> str | None:
-    """A warning for trainer.precision=bf16 where the hardware has no bfloat16 arithmetic:
-    there it is emulated. mlp_best on a 2-core CPU with AVX512-BF16: an epoch 5.7 s in bf16,
-    10.2 s in float32; with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) 279 s in bf16,
-    8.9 s in float32."""
+    """Where trainer.precision=bf16 has no bfloat16 arithmetic to run on, it is emulated.
+    mlp_best on a 2-core CPU with AVX512-BF16: an epoch 5.7 s in bf16, 10.2 s in float32; with
+    oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) 279 s in bf16, 8.9 s in float32 (and a
+    2 x 1024 matmul benchmark, capped at AVX512_CORE: bf16 2x slower than float32)."""
     if precision != "bf16":
         return None
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    else:
-        caps = torch.cpu.get_capabilities()
-        native = bool(caps.get("avx512_bf16") or caps.get("amx_tile"))
-    if native:
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return None
+        return "note: trainer.precision=bf16 on this GPU is emulated, slower than float32"
+    caps = torch.cpu.get_capabilities()  # x86: avx512_bf16, amx_bf16; Arm: bf16, sve_bf16
+    if any(v is True and "bf16" in k for k, v in caps.items()) and _mkldnn_bf16():
         return None
-    where = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"
-    return (f"note: trainer.precision=bf16 on {where} is emulated, up to 30x slower than "
-            "float32; add trainer.precision=32 to train the same recipe in float32")
+    return ("note: trainer.precision=bf16 on this CPU (no bfloat16 instructions in use) is "
+            "emulated, far slower than float32 (30x for mlp_best where only AVX2 was in use)")
 
 
 class _EpochEnd(pl.Callback):

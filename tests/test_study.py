@@ -103,10 +103,13 @@ def test_hopeless_trial_is_pruned_and_logged_as_finished(tiny_cfg):
 def test_a_bf16_study_on_a_cpu_without_bfloat16_says_so(tiny_cfg, monkeypatch, capsys):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
     tiny_cfg.trainer.precision, tiny_cfg.trainer.max_epochs = "bf16", 1
+    tiny_cfg.trainer.accelerator = "cpu"  # a GPU would take the GPU's branch
     tiny_cfg.search.n_trials = 1
     run_study(tiny_cfg)
     out = capsys.readouterr().out
-    assert "note: trainer.precision=bf16 on this CPU (no AVX512-BF16 or AMX)" in out
+    # said before the study is created: a float32 rerun needs a new study name
+    assert out.index("note: trainer.precision=bf16 on this CPU") < out.index("study 'tiny'")
+    assert "add trainer.precision=32 with a new search.study_name" in out
 
 
 def test_resume_with_a_different_space_is_refused(tiny_cfg):
