@@ -163,18 +163,22 @@ def bf16_note(precision: str, device: torch.device) -> str | None:
     """Where trainer.precision=bf16 has no bfloat16 arithmetic to run on, it is emulated.
     mlp_best on a 2-core CPU with AVX512-BF16: an epoch 5.7 s in bf16, 10.2 s in float32; with
     oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) 279 s in bf16, 8.9 s in float32 (and a
-    2 x 1024 matmul benchmark, capped at AVX512_CORE: bf16 2x slower than float32)."""
+    2 x 1024 matmul benchmark, capped at AVX512_CORE: bf16 2x slower than float32; that cap, an
+    environment setting between AVX-512 and its BF16 level, goes unnoticed here)."""
     if precision != "bf16":
         return None
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return None
         return "note: trainer.precision=bf16 on this GPU is emulated, slower than float32"
-    caps = torch.cpu.get_capabilities()  # x86: avx512_bf16, amx_bf16; Arm: bf16, sve_bf16
-    if any(v is True and "bf16" in k for k, v in caps.items()) and _mkldnn_bf16():
+    # x86: avx512_bf16, amx_bf16 (avx_ne_convert: bf16 conversions oneDNN uses; not measured
+    # here); Arm: bf16, sve_bf16
+    caps = torch.cpu.get_capabilities()
+    if any(v is True and ("bf16" in k or k == "avx_ne_convert") for k, v in caps.items()) \
+            and _mkldnn_bf16():
         return None
     return ("note: trainer.precision=bf16 on this CPU (no bfloat16 instructions in use) is "
-            "emulated, far slower than float32 (30x for mlp_best where only AVX2 was in use)")
+            "emulated, slower than float32 (mlp_best: 31x where only AVX2 was in use)")
 
 
 class _EpochEnd(pl.Callback):

@@ -377,3 +377,14 @@ def test_a_multi_objective_ensemble_needs_the_trials_own_seeds(tmp_path):
         export.choose_members(study, study.trials[0], 2, False, "sqlite:///x.db", False)
     assert "trial 0 has 1 seed(s) with kept weights" in str(e.value)
     assert "leave out --trial" not in str(e.value)  # no single ranking of a Pareto front
+
+
+def test_refit_of_a_bf16_recipe_warns_where_bf16_is_emulated(tiny_cfg, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    tiny_cfg.trainer.precision, tiny_cfg.trainer.accelerator = "bf16", "cpu"
+    splits = export.refit_splits(tiny_cfg)
+    assert "note: trainer.precision=bf16 on this CPU" in capsys.readouterr().out
+    assert len(splits.y_train) == 5000  # train + validation: the embedded sample's 5,000
+    tiny_cfg.trainer.precision = "32"
+    export.refit_splits(tiny_cfg)
+    assert "note:" not in capsys.readouterr().out
