@@ -32,15 +32,17 @@ class Sweep:
 
     def __init__(self, cwd: Path, *overrides: str, prefix: tuple[str, ...] = (),
                  **extra_env: str):
+        # faulthandler: a child that hangs is sent SIGABRT and prints every thread's stack
         env = {**os.environ, "SWEEPER_OFFLINE": "1", "PYTHONPATH": str(REPO),
-               "PYTHONUNBUFFERED": "1", **extra_env}
+               "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **extra_env}
         cmd = [*prefix, sys.executable, "-m", "sweeper", *overrides]
         self.proc = subprocess.Popen(cmd, cwd=cwd,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -62,7 +64,14 @@ class Sweep:
     def stop(self, sig: int) -> int:
         self.proc.send_signal(sig)
         t0 = time.monotonic()
-        rc = self.proc.wait(timeout=30)
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # the stacks of where it hangs, then gone
+            self.proc.wait(timeout=30)
+            self.reader.join(timeout=10)
+            raise AssertionError(f"no exit within 30 s of signal {sig}; its output and "
+                                 f"stacks:\n{''.join(self.output)}") from None
         self.seconds_to_exit = time.monotonic() - t0
         return rc
 
