@@ -160,7 +160,6 @@ def test_an_error_in_a_seed_repeat_fails_that_repeat_not_the_run(tiny_cfg, monke
                                         ).user_attrs[f"{keys.REPEAT}.{best}.1"]
 
 
-
 def test_more_seeds_on_resume_trains_and_announces_only_the_new_ones(tiny_cfg, monkeypatch,
                                                                      capsys):
     tiny_cfg.search.pruner = "none"
@@ -173,6 +172,7 @@ def test_more_seeds_on_resume_trains_and_announces_only_the_new_ones(tiny_cfg, m
     run_study(tiny_cfg)  # before: "2 repeat runs" while only seed 2 trained
     assert "with 3 seeds each: 2 repeat runs, 1 still to train" in capsys.readouterr().out
     assert len(calls) == 1
+
 
 @pytest.mark.parametrize("pop", [1, 2])
 def test_an_unexpected_error_fails_the_run_with_its_message(tiny_cfg, monkeypatch, pop):
