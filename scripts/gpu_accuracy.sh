@@ -11,7 +11,8 @@
 #           workers where that is cheaper or the probe's population failed), for the first of
 #           40, 30, 20 epochs x 6 seeds, then 20 x 4, 20 x 3, that the probe says fits before
 #           DEADLINE; test measured once per seed (confirm.test)
-#           (the last plan also when none fits); EPOCHS=20 SEEDS=6 repeats the measured run
+#           (the last plan also when none fits); EPOCHS=20 SEEDS=6 repeats the measured run's
+#           epochs and seeds (population or workers still follows the probe)
 #   kaggle  cnn_deep's recipe (20 epochs, 3 seeds; TF32, the repeats as a population) on
 #           Kaggle-format rows built from MNIST's training images, then `export --refit` alone
 #           and as `--ensemble 3` (when REFIT_S seconds are left before DEADLINE), each with
@@ -86,14 +87,10 @@ python3 scripts/mnist_to_kaggle_csv.py --root "$MNIST" --out "$W/kaggle_csv" > "
 CSV=$!
 
 # probe
-sweep probe +experiment=cnn_deep data.root="$MNIST" data.train_size=$PROBE_SIZE trainer.max_epochs=2 \
-  confirm.seeds=3 confirm.test=false search.population=2 trainer.precision=tf32 \
-  search.study_name=probe $(stores probe)
-PROBE=$!
-( sleep 180; kill -TERM $PROBE 2>/dev/null ) &  # a probe that hangs
-WATCH=$!
-wait $PROBE || { say "the probe failed: stopping here"; tail -n 30 "$W/probe.log"; exit 1; }
-kill $WATCH 2>/dev/null
+timeout -k 15 180 python3 -m sweeper +experiment=cnn_deep data.root="$MNIST" \
+  data.train_size=$PROBE_SIZE trainer.max_epochs=2 confirm.seeds=3 confirm.test=false \
+  search.population=2 trainer.precision=tf32 search.study_name=probe $(stores probe) \
+  > "$W/probe.log" 2>&1 || { say "the probe failed: stopping here"; tail -n 30 "$W/probe.log"; exit 1; }
 read -r T1 TP NREP <<< "$(epochs probe)"
 say "probe: an epoch of ${PROBE_SIZE} images: ${T1}s alone, ${TP}s for 2 repeats as a population ($NREP finished)"
 tail -n 3 "$W/probe.log"
@@ -108,6 +105,7 @@ fi
 # Probe-export the 3 probe networks as one model (torch.export + ONNX on this host's torch)
 python3 -m sweeper.export --study probe --out "$W/probe_export" --ensemble 3 --no-mlflow \
   --storage "sqlite:///$W/probe/optuna.db" > "$W/probe_export.log" 2>&1 &
+echo $! >> "$W/pids"
 
 # mnist: the most epochs and seeds that the probe says fit before the deadline, and whether the
 # seed repeats train as one population or as separate workers sharing the GPU
