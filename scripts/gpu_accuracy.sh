@@ -41,17 +41,8 @@ if [ -n "$(ls -A "$W" 2>/dev/null)" ]; then  # never overwrite results unpacked 
 fi
 mkdir -p "$W/kaggle_csv"
 say() { echo "[$(( SECONDS - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
-if ! ls "$MNIST"/train-images-idx3-ubyte* >/dev/null 2>&1; then
-  echo "no MNIST IDX files in $MNIST: copy ../shared/data/mnist/*-ubyte.gz there and carry .data" >&2
-  exit 2
-fi
-if [ -d .whl ] && ! python3 -c "import optuna, hydra, mlflow" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
-  python3 .whl/check-closure.py --live /tmp/site \
-    --import optuna,optuna_integration,hydra,mlflow,sqlalchemy,alembic,mlxtend || echo "(closure check: going on; an import failure stops the probe)"
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+source scripts/gpu_host.sh  # MNIST present, the wheels installed, PYTHONPATH
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.csv"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 say "set up"

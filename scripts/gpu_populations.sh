@@ -9,17 +9,7 @@
 set -u
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 MNIST=${MNIST:-.data/mnist}
-if ! ls "$MNIST"/train-images-idx3-ubyte* >/dev/null 2>&1; then
-  echo "no MNIST IDX files in $MNIST: copy ../shared/data/mnist/*-ubyte.gz there and carry .data" >&2
-  exit 2
-fi
-if [ -d .whl ] && ! python3 -c "import optuna, hydra, mlflow" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
-  python3 .whl/check-closure.py --live /tmp/site \
-    --import optuna,optuna_integration,hydra,mlflow,sqlalchemy,alembic,mlxtend || exit 1
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source scripts/gpu_host.sh  # MNIST present, the wheels installed, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.csv"
 part() {  # name, limit in seconds, script and arguments
   local name=$1 limit=$2; shift 2
