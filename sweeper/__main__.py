@@ -35,18 +35,35 @@ def remove_run_folder(folder: Path, job: str) -> None:
             break
 
 
+def preflight(argv: list[str]) -> list[str]:
+    """The checks of a plain run before Hydra starts: the arguments Hydra then reads."""
+    argv = sweep_grammar.rewrite(argv)  # Hydra then reads the dict form
+    # With Hydra's own flags (--cfg job, --info, -cn NAME, --multirun, ...) Hydra reads the
+    # command line itself; our one-line checks are for a plain run.
+    if not any(a.startswith("-") for a in argv):
+        check_overrides(argv)
+        check_composes(argv)
+    check_output_folder()
+    return argv
+
+
+def start(raw: DictConfig) -> None:
+    """The run, once Hydra has composed its config (tests call preflight and this in-process)."""
+    try:
+        cfg = to_config(raw)
+        validate(cfg)
+    except UserError as e:
+        raise Refused(str(e)) from None
+    from sweeper.study import run_study  # heavy imports only after the config is sound
+
+    run_study(cfg)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> None:
     debug = bool(raw.get("debug")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        try:
-            cfg = to_config(raw)
-            validate(cfg)
-        except UserError as e:
-            raise Refused(str(e)) from None
-        from sweeper.study import run_study  # heavy imports only after the config is sound
-
-        run_study(cfg)
+        start(raw)
     except UserError as e:
         if isinstance(e, Refused):  # nothing was written: the run leaves no folder behind
             hc = HydraConfig.get()
@@ -67,13 +84,7 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        sys.argv[1:] = sweep_grammar.rewrite(sys.argv[1:])  # Hydra then reads the dict form
-        # With Hydra's own flags (--cfg job, --info, -cn NAME, --multirun, ...) Hydra reads the
-        # command line itself; our one-line checks are for a plain run.
-        if not any(a.startswith("-") for a in sys.argv[1:]):
-            check_overrides(sys.argv[1:])
-            check_composes(sys.argv[1:])
-        check_output_folder()
+        sys.argv[1:] = preflight(sys.argv[1:])
     except UserError as e:
         print(f"sweeper: error: {e}", file=sys.stderr)
         sys.exit(2)

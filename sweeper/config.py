@@ -19,7 +19,7 @@ from sweeper.keys import N_PARAMS
 
 DATASETS = ("mnist", "mnist_sample", "fashion_mnist", "kaggle")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "nsga2")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 OBJECTIVES = ("final", "best")
 OBJECTIVE_METRICS = (VAL_ACC, TRAIN_ACC, GAP, N_PARAMS)  # what search.objectives may name
 PARAM_TYPES = ("int", "float", "categorical")
@@ -131,9 +131,11 @@ class SearchConfig:
     storage: str = DEFAULT_STORAGE
     sampler: str = "tpe"
     pruner: str = "median"
-    # Median pruner: never prune during the first N trials or before epoch N+1.
+    # Median and percentile pruners: never prune during the first N trials or before epoch N+1.
     pruner_startup_trials: int = 5
     pruner_warmup_epochs: int = 3
+    # Percentile pruner: stop a trial below this percentile of finished trials at its epoch.
+    pruner_percentile: float = 25.0
     # final: val_acc at the last epoch; best: best val_acc over epochs.
     objective: str = "final"
     # Two or more: a multi-objective study, e.g. {val_acc: maximize, n_params: minimize}
@@ -354,6 +356,8 @@ def validate(cfg: Config) -> None:
            f"(an MLflow server) or a database URL ({', '.join(TRACKING_SCHEMES)})")
     _one_of("search.sampler", s.sampler, SAMPLERS)
     _one_of("search.pruner", s.pruner, PRUNERS)
+    _check(0 < s.pruner_percentile < 100,
+           f"search.pruner_percentile={s.pruner_percentile} must be between 0 and 100")
     _one_of("search.objective", s.objective, OBJECTIVES)
     _check(s.population >= 1, f"search.population={s.population} must be >= 1")
     _check(len(s.objectives) != 1, "search.objectives: list two or more (one objective is "

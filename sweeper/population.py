@@ -285,9 +285,9 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
                 stop.add(i)
         writes.raise_if_failed()  # a refused write stops the population now
         if not objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
-            # The median pruner compares with finished trials only: one read of them for all
-            # members. Hyperband's rungs also hold other running members' values: read live.
-            reads = snapshot_reads(study) if cfg.search.pruner == "median" \
+            # Median and percentile compare with finished trials only: one read of them for all
+            # members. Halving's rungs also hold other running members' values: read live.
+            reads = snapshot_reads(study) if cfg.search.pruner in ("median", "percentile") \
                 else contextlib.nullcontext()
             with reads:
                 going = {i: members[i] for i in latest if i not in stop}

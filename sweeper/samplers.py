@@ -90,6 +90,13 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
         # Steps are epochs from 1; n_warmup_steps=w+1 leaves epochs 1..w unpruned.
         return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
                                            n_warmup_steps=s.pruner_warmup_epochs + 1)
+    if s.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(s.pruner_percentile,
+                                               n_startup_trials=s.pruner_startup_trials,
+                                               n_warmup_steps=s.pruner_warmup_epochs + 1)
+    # Rungs at epochs 1, 3, 9, ...: a trial goes on only in the top third of its rung.
+    if s.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.trainer.max_epochs)
     return optuna.pruners.NopPruner()

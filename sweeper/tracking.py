@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from sweeper import keys, stores
+from sweeper import keys, store_schema, stores
 from sweeper.errors import UserError, one_line
 
 
@@ -45,8 +45,9 @@ class Tracker:
         # With a tracking server, MLflow prints two URL lines whenever a run ends.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         stores.quiet_mlflow()  # after the import: mlflow configures its logger when imported
-        def make_store(side: str) -> None:  # MLflow makes its schema on first use
-            MlflowClient(side).search_experiments()
+        def make_store(side: str) -> None:
+            if not store_schema.create_from_packaged(stores.sqlite_path(side) or side):
+                MlflowClient(side).search_experiments()  # MLflow's migrations: seconds
 
         db = stores.sqlite_path(uri)
         if db is not None:

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from sweeper.config import Config, ParamSpec
 
@@ -12,6 +13,13 @@ MNIST = REPO.parent / "shared" / "data" / "mnist"
 # Never download in tests; keep any cache out of the user's home.
 os.environ["SWEEPER_OFFLINE"] = "1"
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Property-based tests: a quick look locally, a long one in CI (HYPOTHESIS_PROFILE overrides).
+settings.register_profile("dev", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=250, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 @pytest.fixture

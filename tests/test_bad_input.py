@@ -1,6 +1,10 @@
-"""Property-based: whatever is thrown at the entry points, the outcome is success or a clean
-one-line error (UserError, or Hydra's own compact error for malformed overrides), never a
-traceback."""
+"""Fuzzing the entry points. The claim of these tests is robustness only: whatever is thrown at
+them, the outcome is success or a clean one-line error (UserError, or Hydra's own compact error
+for malformed overrides), never a crash or a traceback; a sound input that validates must also
+be usable (its space sampleable within bounds, its IDX or CSV parsed to the declared shape).
+That each error says the right thing is tested case by case elsewhere (test_cli.py,
+test_idx.py, test_kaggle.py, test_faults_round2.py). Examples per test: 25 locally, 250 in CI
+(tests/conftest.py)."""
 
 import gzip
 import struct
@@ -10,14 +14,14 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import CompactHydraException, HydraException
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from sweeper import idx, kaggle, search_space
 from sweeper.config import check_overrides, to_config, validate
 from sweeper.errors import UserError
-from tests.test_study import sweep
+from tests.cli import refusal
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 KEYS = ["search.n_trials", "trainer.max_epochs", "trainer.batch_size", "trainer.lr",
@@ -44,9 +48,8 @@ def outcome_is_clean(overrides: list[str]) -> None:
         assert "\n" not in str(e).strip() or "override" in str(e).lower(), e
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
-def test_random_overrides(pairs):
+def test_random_overrides_run_or_are_refused_in_one_line(pairs):
     outcome_is_clean(["+experiment=smoke", *(f"{k}={v}" for k, v in pairs)])
 
 
@@ -62,11 +65,10 @@ SPEC = st.fixed_dictionaries({}, optional={
     "per_layer": st.booleans()})
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["depth", "width", "dropout", "lr", "batch_size",
                                         "momentum"]), SPEC, min_size=1, max_size=4),
        st.sampled_from(["tpe", "random", "grid"]))
-def test_random_search_spaces(space, sampler):
+def test_random_search_spaces_are_refused_in_one_line_or_sampleable(space, sampler):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         raw = compose(config_name="config", overrides=["+experiment=smoke"])
     raw.search.space = OmegaConf.create(space)
@@ -92,7 +94,6 @@ def _valid_idx() -> bytes:
     return struct.pack(">HBBIII", 0, 8, 3, 2, 28, 28) + bytes(2 * 28 * 28)
 
 
-@settings(max_examples=300, deadline=None)
 @given(st.one_of(
     st.binary(max_size=64),
     st.tuples(st.integers(0, 2 * 28 * 28 + 15), st.binary(max_size=8)).map(
@@ -100,7 +101,7 @@ def _valid_idx() -> bytes:
     st.tuples(st.integers(0, 15), st.integers(0, 255)).map(
         lambda pos: _valid_idx()[:pos[0]] + bytes([pos[1]]) + _valid_idx()[pos[0] + 1:])),
     st.booleans())
-def test_random_idx_bytes(tmp_path_factory, data, gz):
+def test_random_idx_bytes_are_read_or_refused_in_one_line(tmp_path_factory, data, gz):
     path = tmp_path_factory.mktemp("idx") / "train-images-idx3-ubyte"
     path.write_bytes(gzip.compress(data) if gz else data)
     try:
@@ -122,10 +123,8 @@ def test_random_idx_bytes(tmp_path_factory, data, gz):
 ])
 def test_bad_stores_and_spaces_from_the_command_line(tmp_path, overrides, message):
     (tmp_path / "file").write_text("not a folder")
-    result = sweep(tmp_path, "+experiment=smoke",
-                   *(o.format(file=tmp_path / "file") for o in overrides))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    assert message in refusal(tmp_path, "+experiment=smoke",
+                              *(o.format(file=tmp_path / "file") for o in overrides))
     # stores are checked before anything is written: no study was created
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
@@ -134,10 +133,10 @@ CELL = st.one_of(st.integers(-3, 300).map(str), st.sampled_from(["", "1.5", "x",
                                                                  "nan", "255", "0"]))
 
 
-@settings(max_examples=80, deadline=None)
 @given(st.lists(st.lists(CELL, min_size=783, max_size=787), min_size=0, max_size=3),
        st.sampled_from(["train", "test"]), st.integers(0, 3))
-def test_random_kaggle_rows(tmp_path_factory, rows, kind, header_damage):
+def test_random_kaggle_rows_are_read_or_refused_in_one_line(tmp_path_factory, rows, kind,
+                                                            header_damage):
     columns = (["label"] if kind == "train" else []) + kaggle.PIXELS
     if header_damage == 1:
         columns = columns[:-1]

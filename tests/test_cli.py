@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.cli import refusal
 from tests.test_study import REPO, sweep
 
 
@@ -23,19 +24,20 @@ from tests.test_study import REPO, sweep
     (["+experiment=smoke", "data=kaggle"], "data=kaggle needs data.train_csv=PATH"),
     (["+experiment=smoke", "data=kaggle", "data.train_csv=/nonexistent/train.csv"],
      "/nonexistent/train.csv: file not found"),
+    (["+experiment=smoke", "data=cifar10"], "cifar10"),
 ])
 def test_bad_values_fail_with_one_line(tmp_path, overrides, message):
-    result = sweep(tmp_path, *overrides)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("sweeper: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert message in refusal(tmp_path, *overrides)
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()  # refused before any store
 
 
-def test_unknown_config_option_is_hydras_clear_error(tmp_path):
-    result = sweep(tmp_path, "+experiment=smoke", "data=cifar10")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "cifar10" in result.stderr
+def test_a_refusal_is_one_line_and_exit_2_from_the_command_line(tmp_path):
+    result = sweep(tmp_path, "+experiment=smoke", "data=mnist", "data.root=/nonexistent/mnist")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sweeper: error: "), result.stderr
+    assert "no MNIST IDX files in /nonexistent/mnist" in lines[0]
+    assert not (tmp_path / "mlruns").exists()  # Hydra's run folder removed with the refusal
 
 
 def test_debug_shows_the_traceback(tmp_path):

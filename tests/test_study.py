@@ -135,14 +135,34 @@ def test_resume_knows_the_data_by_content_not_by_path(tiny_cfg):
         run_study(tiny_cfg, shuffled)
 
 
-def test_samplers_and_pruners_run(tiny_cfg):
+def test_every_sampler_runs_a_study(tiny_cfg):
     tiny_cfg.trainer.max_epochs = 1
-    for i, (sampler, pruner) in enumerate([("random", "hyperband"), ("qmc", "none"),
-                                           ("cmaes", "median")]):
-        tiny_cfg.search.sampler, tiny_cfg.search.pruner = sampler, pruner
-        tiny_cfg.search.study_name = f"s{i}"
+    for sampler in ("tpe", "random", "qmc", "cmaes"):
+        tiny_cfg.search.sampler, tiny_cfg.search.pruner = sampler, "none"
+        tiny_cfg.search.study_name = sampler
         study = run_study(tiny_cfg)
-        assert len(study.trials) == 2
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, sampler
+        assert len({t.params["width"] for t in study.trials}) == 2, sampler  # it sampled
+
+
+@pytest.mark.parametrize("pruner", ["median", "percentile", "successive_halving", "hyperband"])
+def test_each_pruner_stops_a_hopeless_trial(tiny_cfg, pruner):
+    """Sound trials, then one whose learning rate cannot learn: the pruner stops it before its
+    last epoch (with NopPruner, or a pruner that is not wired in, it would run to the end)."""
+    cfg = tiny_cfg
+    cfg.trainer.max_epochs, cfg.search.pruner = 3, pruner
+    cfg.search.pruner_startup_trials, cfg.search.pruner_warmup_epochs = 2, 0
+    cfg.search.space = {"lr": ParamSpec("float", low=1e-4, high=10.0, log=True)}
+    # Hyperband compares a trial only with those of its bracket (by a hash of the study name
+    # and trial number): with this name, trial 3 shares trial 0's bracket.
+    cfg.search.study_name = f"prune-{pruner}"
+    sound = [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 3e-3}]
+    cfg.search.enqueue, cfg.search.n_trials = [*sound, {"lr": 10.0}], 4
+    study = run_study(cfg)
+    assert [t.state for t in study.trials[:3]] == [TrialState.COMPLETE] * 3
+    hopeless = study.trials[3]
+    assert hopeless.state == TrialState.PRUNED, pruner
+    assert hopeless.user_attrs["epochs_run"] < cfg.trainer.max_epochs
 
 
 def test_grid_sampler_visits_the_grid(tiny_cfg):
