@@ -310,6 +310,8 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject impossible values with one line that names the key and the fix."""
+    _check(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32,
+           f"seed={cfg.seed} must be an integer from 0 to {2**32 - 1}")
     _one_of("data", cfg.data.name, DATASETS)
     _check(cfg.data.val_size >= 1, f"data.val_size={cfg.data.val_size} must be >= 1")
     _check(cfg.data.train_size is None or cfg.data.train_size >= 1,

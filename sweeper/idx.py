@@ -2,6 +2,8 @@
 of dimensions), one big-endian uint32 per dimension, then the raw bytes. Gzipped or not."""
 
 import gzip
+import io
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -14,33 +16,59 @@ UBYTE = 0x08
 SPLITS = {"train": "train", "test": "t10k"}
 
 
+MAX_BYTES = 1 << 30  # the largest data an IDX header may declare (MNIST's train images: 47 MB)
+
+
 def read_idx(path: Path) -> np.ndarray:
+    """The array, read in bounded memory: the header first, then at most the declared size and
+    one byte more (a gzip bomb or a file with trailing data is refused, never inflated)."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with path.open("rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+            size_on_disk = path.stat().st_size
+        with (gzip.open(path, "rb") if gz else path.open("rb")) as f:
+            return _read(path, f, None if gz else size_on_disk)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not an IDX file") from None
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"{path}: cannot read ({e}); the gzip stream is corrupt or truncated") \
             from None
-    if len(raw) < 4:
-        raise UserError(f"{path}: not an IDX file ({len(raw)} bytes, too short for a header)")
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+
+
+def _read(path: Path, f: io.BufferedIOBase, size_on_disk: int | None) -> np.ndarray:
+    magic = f.read(4)
+    if len(magic) < 4:
+        raise UserError(f"{path}: not an IDX file ({len(magic)} bytes, too short for a header)")
+    zero, dtype, ndim = struct.unpack(">HBB", magic)
     if zero != 0 or dtype != UBYTE or ndim not in (1, 3):
-        raise UserError(f"{path}: wrong magic number 0x{raw[:4].hex()} (expected 0x00000801 "
+        raise UserError(f"{path}: wrong magic number 0x{magic.hex()} (expected 0x00000801 "
                         "for labels or 0x00000803 for images): not an MNIST IDX file")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    shape = f.read(4 * ndim)
+    if len(shape) < 4 * ndim:
         raise UserError(f"{path}: truncated header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims))
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise UserError(f"{path}: {what}: header says {'x'.join(map(str, dims))} "
-                        f"({expected} bytes) but the file has {len(raw)} bytes")
+    dims = struct.unpack(f">{ndim}I", shape)
+    header, size = 4 + 4 * ndim, math.prod(dims)
+    declared = f"header says {'x'.join(map(str, dims))} ({header + size} bytes)"
+    if size > MAX_BYTES:
+        raise UserError(f"{path}: {declared}, more than the {MAX_BYTES >> 20} MiB of data this "
+                        "reader accepts: not an MNIST-family file")
+    if size_on_disk is not None and size_on_disk != header + size:  # known before reading
+        what = "truncated" if size_on_disk < header + size else "has trailing bytes"
+        raise UserError(f"{path}: {what}: {declared} but the file has {size_on_disk} bytes")
     # bytearray: a writable buffer, so torch.from_numpy can share it without a warning.
-    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)
+    data = bytearray(size)
+    view, got = memoryview(data), 0
+    while got < size and (n := f.readinto(view[got:])):
+        got += n
+    if got < size:
+        raise UserError(f"{path}: truncated: {declared} but the data ends after "
+                        f"{header + got} bytes")
+    if f.read(1):
+        raise UserError(f"{path}: has trailing bytes: {declared} but the data goes on after "
+                        "them")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def candidates(root: Path, split: str, kind: str) -> list[Path]:

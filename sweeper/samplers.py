@@ -66,6 +66,7 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 
 def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     s = cfg.search
+    seed %= 2**32  # the study seed plus trial and start counts: Optuna takes 0 .. 2**32 - 1
     if s.sampler == "tpe":
         # constant_liar: concurrent workers do not all sample next to the same running trial.
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True)

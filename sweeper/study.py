@@ -125,9 +125,12 @@ def open_study(cfg: Config, splits: data.Splits,
             raise UserError(f"study {s.study_name!r} in {s.storage} minimizes its objective; "
                             "sweeper studies maximize validation accuracy: use another "
                             "search.study_name")
-        raise UserError(f"study {s.study_name!r} in {s.storage} optimizes "
-                        f"{len(have_directions)} objective(s) ({', '.join(have_directions)}), "
-                        f"not {len(want_directions)}: use another search.study_name")
+        names = study.user_attrs.get(keys.OBJECTIVES) or [VAL_ACC] * len(have_directions)
+        had = ", ".join(f"{m} ({d})" for m, d in zip(names, have_directions, strict=False))
+        asked = ", ".join(f"{m} ({d})" for m, d in (s.objectives or {VAL_ACC: "maximize"}).items())
+        raise UserError(f"study {s.study_name!r} in {s.storage} optimizes {had}; this run "
+                        f"asks for {asked}: give the study's objectives in its order, or use "
+                        "another search.study_name")
     # The data by content, not path: workers on other machines may keep it elsewhere.
     want = recipe.identity(cfg, f"{splits.source.split(':')[0]}:{splits.fingerprint()}")
     have = study.user_attrs.get(keys.IDENTITY)

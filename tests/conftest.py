@@ -1,4 +1,6 @@
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,14 @@ def postgres_cluster():
     cluster = Throwaway(bin_dir)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def db_url(request, tmp_path) -> Callable[[str], str]:
+    """name -> the URL of a new empty database: a SQLite file, or (full tier) a database on the
+    throwaway PostgreSQL server. For code that writes the study's record on both."""
+    if request.param == "sqlite":
+        return lambda name: f"sqlite:///{tmp_path}/{name}.db"
+    cluster = request.getfixturevalue("postgres_cluster")
+    tag = uuid.uuid4().hex[:8]
+    return lambda name: cluster.create_db(f"{name}_{tag}")

@@ -25,6 +25,9 @@ from tests.test_study import REPO, sweep
     (["+experiment=smoke", "data=kaggle", "data.train_csv=/nonexistent/train.csv"],
      "/nonexistent/train.csv: file not found"),
     (["+experiment=smoke", "data=cifar10"], "cifar10"),
+    # before: Optuna's ValueError after the study was made, and a second start then went on
+    (["+experiment=smoke", "seed=-5"], "seed=-5 must be an integer from 0 to 4294967295"),
+    (["+experiment=smoke", "seed=4294967296"], "seed=4294967296 must be an integer from 0"),
 ])
 def test_bad_values_fail_with_one_line(tmp_path, overrides, message):
     assert message in refusal(tmp_path, *overrides)

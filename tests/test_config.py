@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from sweeper import samplers
 from sweeper.config import Config, ParamSpec, to_config, validate
 from sweeper.errors import UserError
 
@@ -180,3 +181,11 @@ def test_cnn_deep_is_cnn_best_with_a_third_stage_and_longer():
     deep_cfg, deep = recipe_spec("cnn_deep")
     assert dataclasses.replace(deep, arch=best.arch, max_epochs=best.max_epochs) == best
     assert deep_cfg.data == best_cfg.data and deep_cfg.augment == best_cfg.augment
+
+
+def test_the_largest_seed_gives_every_start_a_valid_sampler_seed():
+    cfg = compose_cfg("+experiment=smoke", f"seed={2**32 - 1}")
+    validate(cfg)
+    for sampler in ("tpe", "random", "qmc", "cmaes"):
+        cfg.search.sampler = sampler
+        samplers.make_sampler(cfg, cfg.seed + 5 + 10_007 * 3)  # trials and starts added

@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,38 @@ def test_real_mnist(mnist_root):
     images, labels = idx.load_split(mnist_root, "train")
     assert images.shape == (60_000, 28, 28)
     assert np.bincount(labels).tolist()[:2] == [5923, 6742]  # the published class counts
+
+
+def test_a_gzip_bomb_is_refused_in_bounded_memory(tmp_path):
+    # A valid 2-image header, then 256 MB of zeros that compress to ~250 KB: before, the whole
+    # stream was inflated (and copied) before the size was checked.
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(p, "wb", compresslevel=1) as f:
+        f.write(struct.pack(">HBBIII", 0, 8, 3, 2, 28, 28) + bytes(2 * 28 * 28))
+        zeros = bytes(1 << 20)
+        for _ in range(256):
+            f.write(zeros)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="has trailing bytes: header says 2x28x28"):
+            idx.read_idx(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_header_that_declares_too_much_is_refused_before_reading(tmp_path, gz):
+    data = struct.pack(">HBBIII", 0, 8, 3, 4_000_000_000, 28, 28) + bytes(100)
+    p = tmp_path / "x"
+    p.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(UserError, match="more than the 1024 MiB of data this reader accepts"):
+        idx.read_idx(p)
+
+
+def test_gzipped_data_shorter_than_its_header_says(tmp_path):
+    p = tmp_path / "x.gz"
+    p.write_bytes(gzip.compress(struct.pack(">HBBIII", 0, 8, 3, 3, 28, 28) + bytes(28 * 28)))
+    with pytest.raises(UserError, match="truncated: header says 3x28x28 .* ends after 800 bytes"):
+        idx.read_idx(p)

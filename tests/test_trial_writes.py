@@ -3,6 +3,7 @@ transaction, and keep the trial objects' cached copies in step."""
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -16,10 +17,9 @@ ATTRS = {"val_acc": 0.98, "epochs_run": 3, "checkpoint": "/x/y.pt", "nested": {"
          "nan": math.nan}
 
 
-def storage(tmp_path: Path, name: str = "o",
+def storage(db_url: Callable[[str], str], name: str = "o",
             heartbeat: int | None = None) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/{name}.db",
-                                      heartbeat_interval=heartbeat)
+    return optuna.storages.RDBStorage(db_url(name), heartbeat_interval=heartbeat)
 
 
 def commits(s: optuna.storages.RDBStorage) -> list[int]:
@@ -33,8 +33,8 @@ def frozen(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
-def test_user_attrs_match_one_by_one_in_one_transaction(tmp_path: Path) -> None:
-    one, batch = storage(tmp_path, "one"), storage(tmp_path, "batch")
+def test_user_attrs_match_one_by_one_in_one_transaction(db_url: Callable[[str], str]) -> None:
+    one, batch = storage(db_url, "one"), storage(db_url, "batch")
     s1 = optuna.create_study(storage=one, study_name="s")
     s2 = optuna.create_study(storage=batch, study_name="s")
     t1, t2 = [s1.ask() for _ in range(3)], [s2.ask() for _ in range(3)]
@@ -57,8 +57,8 @@ def json_equal(a: dict, b: dict) -> bool:
         for k in a)
 
 
-def test_report_stores_values_keeps_first_and_prunes(tmp_path: Path) -> None:
-    s = storage(tmp_path)
+def test_report_stores_values_keeps_first_and_prunes(db_url: Callable[[str], str]) -> None:
+    s = storage(db_url)
     study = optuna.create_study(storage=s, study_name="s", direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=1,
                                                                    n_warmup_steps=0))
@@ -75,8 +75,8 @@ def test_report_stores_values_keeps_first_and_prunes(tmp_path: Path) -> None:
     assert [t.should_prune() for t in trials[:2]] == [True, False]
 
 
-def test_finished_or_unknown_trials_are_refused(tmp_path: Path) -> None:
-    study = optuna.create_study(storage=storage(tmp_path), study_name="s")
+def test_finished_or_unknown_trials_are_refused(db_url: Callable[[str], str]) -> None:
+    study = optuna.create_study(storage=storage(db_url), study_name="s")
     t = study.ask()
     study.tell(t, 1.0)
     with pytest.raises(UpdateFinishedTrialError):
@@ -86,9 +86,10 @@ def test_finished_or_unknown_trials_are_refused(tmp_path: Path) -> None:
     assert frozen(study._storage._backend.url, "s")[0].user_attrs == {}
 
 
-def test_many_trials_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_trials_in_chunks(db_url: Callable[[str], str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trial_writes, "ROWS_PER_INSERT", 4)
-    study = optuna.create_study(storage=storage(tmp_path), study_name="s")
+    study = optuna.create_study(storage=storage(db_url), study_name="s")
     trials = [study.ask() for _ in range(11)]
     trial_writes.set_user_attrs({t: {"a": t.number, "b": -t.number} for t in trials})
     trial_writes.report({t: t.number / 10 for t in trials}, 0)
@@ -97,8 +98,8 @@ def test_many_trials_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert t.intermediate_values == {0: t.number / 10}
 
 
-def test_heartbeats_in_one_transaction_and_stale_detection(tmp_path: Path) -> None:
-    s = storage(tmp_path, heartbeat=1)
+def test_heartbeats_in_one_transaction_and_stale_detection(db_url: Callable[[str], str]) -> None:
+    s = storage(db_url, heartbeat=1)
     s.grace_period = 1
     study = optuna.create_study(storage=s, study_name="s")
     trials = [study.ask() for _ in range(3)]
@@ -123,9 +124,9 @@ def test_other_storages_take_the_public_calls() -> None:
     assert [t.intermediate_values for t in study.get_trials()] == [{2: 0.5}] * 2
 
 
-def test_unknown_trials_and_mixed_batches_write_nothing(tmp_path: Path) -> None:
+def test_unknown_trials_and_mixed_batches_write_nothing(db_url: Callable[[str], str]) -> None:
     """All or nothing: one finished (or unknown) trial in a batch refuses the whole write."""
-    study = optuna.create_study(storage=storage(tmp_path), study_name="s")
+    study = optuna.create_study(storage=storage(db_url), study_name="s")
     running, done = study.ask(), study.ask()
     study.tell(done, 1.0)
     with pytest.raises(UpdateFinishedTrialError):
@@ -144,7 +145,7 @@ def test_unknown_trials_and_mixed_batches_write_nothing(tmp_path: Path) -> None:
 
 def test_old_sqlite_writes_row_by_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before SQLite 3.24 (no upsert) attributes go row by row in the same transaction."""
-    s = storage(tmp_path)
+    s = storage(lambda name: f"sqlite:///{tmp_path}/{name}.db")
     study = optuna.create_study(storage=s, study_name="s")
     trials = [study.ask() for _ in range(2)]
     statements: list[str] = []
