@@ -17,16 +17,20 @@ predictions.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,7 @@ from lightning_modules.metrics import (
     TRAIN_LOSS,
     VAL_ACC,
 )
-from sweeper import faultpoints, objectives
+from sweeper import faultpoints, objectives, stores
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 from sweeper.errors import UserError, one_line
 
@@ -304,8 +308,12 @@ def refit(cfg: Config, params: dict[str, Any], number: int, splits: Any, seed: i
     which = f"trial {number}'s configuration" + (f" (seed {seed})" if seed else "")
     print(f"refit: training {which} on {len(splits.y_train):,} images for {spec.max_epochs} "
           "epochs ...", flush=True)
-    training.fit(module, spec, splits,
-                 lambda epoch, m: not all(math.isfinite(v) for v in m.values()))
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        faultpoints.reached("refit-epoch")
+        return not all(math.isfinite(v) for v in metrics.values())
+
+    training.fit(module, spec, splits, on_epoch)
     last = module.history[-1]
     if not all(math.isfinite(v) for v in last.values()):
         raise UserError(f"the refit of {which} diverged (non-finite metrics at epoch "
@@ -341,7 +349,7 @@ def log_to_mlflow(tracking_uri: str, run_id: str | None, model: nn.Module, out: 
 def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
     """Everything the export reads or writes, checked before any training or writing. Returns
     the Kaggle test images when --kaggle-test is given."""
-    from sweeper import kaggle, stores
+    from sweeper import kaggle
 
     out: Path = args.out
     if getattr(args, "ensemble", None) is not None and args.ensemble < 2:
@@ -394,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweeper.export: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sweeper.export: interrupted (the study's record is unchanged)", file=sys.stderr)
+        print(f"sweeper.export: interrupted: nothing exported or registered, {args.out} "
+              "unchanged (and the study's record too)", file=sys.stderr)
         return 130
     return 0
 
@@ -472,7 +481,10 @@ def run(args: argparse.Namespace) -> None:
     # Everything is written into a side folder first and moved into --out at the end: an
     # interrupted export leaves --out as it was.
     out.parent.mkdir(parents=True, exist_ok=True)
-    side = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    # named by host and pid, so that a later export removes what a killed one left
+    litter = f".{out.name}.export-{socket.gethostname()}-"
+    stores.remove_litter(out.parent, litter)
+    side = Path(tempfile.mkdtemp(prefix=f"{litter}{os.getpid()}-", dir=out.parent))
     try:
         write_models(model, side)
         diff = check_models(model, side, torch.rand(64, 1, 28, 28))
@@ -520,17 +532,26 @@ def run(args: argparse.Namespace) -> None:
                             "Kaggle test")
         (side / "model.json").write_text(json.dumps(meta, indent=2, default=str))
         faultpoints.reached("export-written")
-        out.mkdir(exist_ok=True)
-        for f in sorted(side.iterdir()):
-            os.replace(f, out / f.name)  # atomic per file
+        with held_back_ctrl_c() as interrupts:
+            commit(args, side, out, model, a.get(keys.MLFLOW_RUN_ID))
     finally:
         shutil.rmtree(side, ignore_errors=True)
-    print(f"written to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    if interrupts:
+        print("note: Ctrl-C came while the export was being committed (moving its files, "
+              "registering the model): it was finished rather than left half-done")
 
+
+def commit(args: argparse.Namespace, side: Path, out: Path, model: nn.Module,
+           run_id: str | None) -> None:
+    """The export's only lasting effects: its files moved into --out, the model logged and
+    registered in MLflow, and predict's default model set to it."""
+    out.mkdir(exist_ok=True)
+    for f in sorted(side.iterdir()):
+        os.replace(f, out / f.name)  # atomic per file
+    print(f"written to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     if not args.no_mlflow:
         try:
-            version = log_to_mlflow(args.tracking_uri, a.get(keys.MLFLOW_RUN_ID), model, out,
-                                    args.study)
+            version = log_to_mlflow(args.tracking_uri, run_id, model, out, args.study)
         except Exception as e:  # the files are good; only the MLflow record is missing
             raise UserError(f"the model files are written to {out}, but logging them to MLflow "
                             f"({args.tracking_uri}) failed: {one_line(e, 200)}; re-run with "
@@ -540,6 +561,21 @@ def run(args: argparse.Namespace) -> None:
 
     LAST_EXPORT.parent.mkdir(parents=True, exist_ok=True)
     LAST_EXPORT.write_text(str(out.resolve()))
+
+
+@contextlib.contextmanager
+def held_back_ctrl_c() -> Iterator[list[int]]:
+    """Ctrl-C is noted, not raised, inside the block: the export's commit (seconds) either has
+    not started or is finished, never half-done. The list holds the signals that came."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

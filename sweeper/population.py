@@ -473,8 +473,7 @@ def fit_population(module: PopulationClassifier, specs: list[training.TrialSpec]
                              spec.steps_per_execution, [s.seed for s in specs])
     trainer = training.make_trainer(splits.x_train.device, spec.max_epochs,
                                     _PopulationEpochEnd(on_epoch, train), spec.precision)
-    trainer.fit(module, train_dataloaders=train,
-                val_dataloaders=training.evals(splits, spec.eval_batch_size))
+    training.run_fit(trainer, module, train, training.evals(splits, spec.eval_batch_size))
 
 
 def member_net(module: PopulationClassifier, member: int, spec: training.TrialSpec,

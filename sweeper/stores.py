@@ -6,8 +6,11 @@ store comes into being whole, and the stores agree about the study.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import re
+import shutil
 import sqlite3
 import time
 import urllib.error
@@ -81,10 +84,8 @@ def create_sqlite_whole(path: Path, init: Callable[[str], object]) -> bool:
     half-made store behind. False when the store already existed (or another process won)."""
     if path.exists() and path.stat().st_size > 0:
         return False
-    for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a killed process
-        with contextlib.suppress(ValueError, OSError):
-            if not _alive(int(stale.name.rsplit("-", 1)[1])):
-                stale.unlink()
+    # left by a killed process: the side file and SQLite's -journal / -wal / -shm beside it
+    remove_litter(path.parent, f".{path.name}.creating-")
     side = path.parent / f".{path.name}.creating-{os.getpid()}"
     side.unlink(missing_ok=True)
     try:
@@ -98,6 +99,20 @@ def create_sqlite_whole(path: Path, init: Callable[[str], object]) -> bool:
         return False
     finally:
         side.unlink(missing_ok=True)
+
+
+def remove_litter(folder: Path, prefix: str) -> None:
+    """Files or folders named PREFIX + PID + anything, whose process (on this machine) is gone:
+    what a process killed mid-write left behind."""
+    for stale in folder.glob(f"{glob.escape(prefix)}*"):
+        found = re.match(r"(\d+)", stale.name[len(prefix):])
+        if found is None or _alive(int(found[1])):
+            continue
+        with contextlib.suppress(OSError):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
 
 
 def _alive(pid: int) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,5 +254,20 @@ def fit(module: Classifier, spec: TrialSpec, splits: Splits, on_epoch: EpochHook
                            spec.steps_per_execution, seed=spec.seed)
     trainer = make_trainer(splits.x_train.device, spec.max_epochs, _EpochEnd(on_epoch),
                            spec.precision)
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=evals(splits,
-                                                                        spec.eval_batch_size))
+    run_fit(trainer, module, train, evals(splits, spec.eval_batch_size))
+
+
+def run_fit(trainer: pl.Trainer, module: pl.LightningModule, train: Any, val: Any) -> None:
+    """trainer.fit, where Ctrl-C (and SIGTERM, which the study turns into one) stays a
+    KeyboardInterrupt: Lightning catches it, calls sys.exit(1) and leaves SIGINT ignored."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    except SystemExit as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # raised inside Lightning's except
+            raise e.__context__ from None
+        raise
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)

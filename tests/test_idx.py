@@ -114,5 +114,5 @@ def test_a_header_that_declares_too_much_is_refused_before_reading(tmp_path, gz)
 def test_gzipped_data_shorter_than_its_header_says(tmp_path):
     p = tmp_path / "x.gz"
     p.write_bytes(gzip.compress(struct.pack(">HBBIII", 0, 8, 3, 3, 28, 28) + bytes(28 * 28)))
-    with pytest.raises(UserError, match="truncated: header says 3x28x28 .* ends after 800 bytes"):
+    with pytest.raises(UserError, match=r"truncated: header says 3x28x28 .* ends after 800 bytes"):
         idx.read_idx(p)
