@@ -19,7 +19,6 @@ import contextlib
 import copy
 import gc
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -241,16 +240,7 @@ def member_bytes(spec: training.TrialSpec, splits: Splits) -> int:
     return int(1.25 * (weights + max(train, evaluation)))
 
 
-def free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":  # free on the device + what PyTorch holds cached but unused
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return torch.cuda.mem_get_info(device)[0] + cached
-    try:  # Linux: what the kernel says it can give without swapping
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+free_bytes = training.free_bytes  # (tests replace it here)
 
 
 @dataclass

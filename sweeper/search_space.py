@@ -58,3 +58,33 @@ def describe(space: dict[str, ParamSpec]) -> dict[str, Any]:
         out[name] = {"type": s.type, "low": s.low, "high": s.high, "log": s.log,
                      "step": s.step, "choices": s.choices, "per_layer": s.per_layer}
     return out
+
+
+# Settings whose larger values make a network (or its batch) bigger.
+GROWS = ("size", "depth", "width", "kernel", "channel_mult", "batch_size")
+
+
+def extreme_points(space: dict[str, ParamSpec], default_depth: int,
+                   largest: bool = True) -> list[dict[str, Any]]:
+    """The points of the space that need the most memory (largest=False: the least): every
+    setting in GROWS at its largest (smallest) value, once for each choice of the categorical
+    settings that change the network's kind (family, batch_norm); the rest at their first."""
+    base: dict[str, Any] = {}
+    kinds: list[dict[str, Any]] = [{}]
+    for name, spec in space.items():
+        values = grid_values(spec) if spec.type == "categorical" or spec.step is not None \
+            else [spec.low, spec.high]
+        if name in GROWS:
+            numeric = [v for v in values if isinstance(v, int | float)]
+            base[name] = (max if largest else min)(numeric) if numeric else values[0]
+        elif spec.type == "categorical" and name in ("family", "batch_norm"):
+            kinds = [k | {name: v} for k in kinds for v in values]
+        else:
+            base[name] = values[0]
+    points = [base | k for k in kinds]
+    for p in points:  # one width per layer: each at its extreme
+        if "width" in p and space["width"].per_layer:
+            for i in range(int(p.get("depth", default_depth))):
+                p[f"width_{i}"] = p["width"]
+            del p["width"]
+    return points

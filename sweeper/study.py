@@ -224,6 +224,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                   "search.study_name", flush=True)
         if splits is None:
             splits = data.load_splits(cfg.data, cfg.seed, device)
+        training.check_space_fits(cfg, splits)
         stores.check_reachable(cfg.tracking.uri, "tracking.uri")
         for uri, what in ((cfg.search.storage, "search.storage"),
                           (cfg.tracking.uri, "tracking.uri")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ import torch
 from lightning_modules.augment import BatchAugment
 from lightning_modules.classifier import Classifier
 from lightning_modules.models import Architecture, build_model, count_params
+from sweeper import search_space
 from sweeper.batches import IndexBatches, ShuffledGroups
 from sweeper.config import AugmentConfig, Config
 from sweeper.data import Splits
@@ -203,7 +205,92 @@ def make_augment(a: AugmentConfig | None, seed: int) -> BatchAugment | None:
 CHANNELS_LAST_MIN = 16  # narrowest conv layer for NHWC (scripts/bench_channels_last.py)
 
 
+def train_bytes(spec: TrialSpec, in_shape: tuple[int, ...], n_classes: int = 10
+                ) -> tuple[int, int]:
+    """(parameters, bytes one trial needs to train), counted before anything is allocated:
+    weights, gradients and optimizer state, plus the activations autograd keeps for one
+    training batch (x2: the gradients flowing back) or evaluation's largest layer at its batch
+    size, whichever is more; 25% margin. MLPs by formula; conv nets by a forward pass on the
+    meta device (shapes only). 1-2.5x the measured peak (tests/test_memory.py)."""
+    with torch.device("meta"):
+        net = build_model(spec.arch, in_shape, n_classes).train()
+    params = count_params(net)
+    a = spec.arch
+    if a.family == "mlp":  # per image: flatten, then linear, ReLU (and dropout) per layer
+        outs = [math.prod(in_shape), *(h for h in a.hidden for _ in range(2 + (a.dropout > 0))),
+                n_classes]
+    else:
+        outs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o[0].numel()))
+                 for m in net.modules() if not list(m.children())]
+        with torch.device("meta"):
+            net(torch.empty((1, *in_shape)))
+        for h in hooks:
+            h.remove()
+    # weights, gradients, 1-2 optimizer states and the optimizer's temporaries (measured)
+    copies = 3 if spec.optimizer == "sgd" else 6
+    acts = max(2 * sum(outs) * spec.batch_size, 2 * max(outs) * spec.eval_batch_size)
+    return params, int(1.25 * 4 * (copies * params + acts))
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":  # free on the device + what PyTorch holds cached but unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    try:  # Linux: what the kernel says it can give without swapping
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def check_fits(spec: TrialSpec, splits: Splits) -> None:
+    """A network that cannot fit in memory is refused before it is built (on a CPU nothing
+    would raise: the kernel's out-of-memory killer ends the process)."""
+    params, need = train_bytes(spec, splits.in_shape, splits.n_classes)
+    free = free_bytes(splits.x_train.device)
+    if need > free:
+        raise UserError(f"{spec.arch.family} {'-'.join(map(str, spec.arch.hidden))} "
+                        f"({params:,} parameters) needs about {gigabytes(need)} to train, more "
+                        f"than the {gigabytes(free)} free here: not built")
+
+
+def check_space_fits(cfg: Config, splits: Splits) -> None:
+    """At start: the space's largest network must fit in memory, or the study is refused with
+    the setting to lower (before: a width of tens of thousands took the machine down)."""
+    space = cfg.search.space
+    free = free_bytes(splits.x_train.device)
+    smallest = search_space.extreme_points(space, cfg.model.depth, largest=False)[0]
+    for point in search_space.extreme_points(space, cfg.model.depth):
+        spec = resolve(cfg, point, 0)
+        params, need = train_bytes(spec, splits.in_shape, splits.n_classes)
+        if need <= free:
+            continue
+        growing = [n for n in search_space.GROWS if n in space and n in smallest]
+        if "width" in space and space["width"].per_layer:
+            growing.append("width")
+
+        def lowered(name: str, point: dict[str, Any] = point) -> int:
+            at_low = point | {k: v for k, v in smallest.items()
+                              if k == name or k.startswith(f"{name}_")}
+            return train_bytes(resolve(cfg, at_low, 0), splits.in_shape, splits.n_classes)[1]
+
+        blame = min(growing, key=lowered) if growing else None
+        shown = ", ".join(f"{k}={v}" for k, v in point.items()
+                          if k.split("_")[0] in search_space.GROWS or k == "family")
+        raise UserError(
+            f"search.space: its largest network ({shown}: {params:,} parameters) needs about "
+            f"{gigabytes(need)} to train, more than the {gigabytes(free)} free here; "
+            + (f"lower search.space.{blame}.high" if blame else "use a smaller network"))
+
+
 def build(spec: TrialSpec, splits: Splits) -> Classifier:
+    check_fits(spec, splits)
     pl.seed_everything(spec.seed, verbose=False)
     net = build_model(spec.arch, splits.in_shape, splits.n_classes)
     if spec.arch.family != "mlp" and min(spec.arch.hidden) >= CHANNELS_LAST_MIN:
