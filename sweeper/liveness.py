@@ -18,12 +18,14 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 
-from sweeper import trial_writes
+from sweeper import keys, trial_writes
 
 
 def _read(path: str) -> str:
@@ -80,6 +82,16 @@ def is_dead_here(worker: str) -> bool:
         return False
     now = _start_time(pid_int)
     return now is None or (started != "" and now != "" and now != started)
+
+
+def claim_is_live(record: Any, grace_s: float) -> bool:
+    """A seed repeat's claim (keys.CLAIMED_BY, keys.CLAIM_BEAT) whose worker is alive: not dead
+    here, and renewed within the grace period."""
+    if not isinstance(record, dict) or keys.CLAIMED_BY not in record:
+        return False
+    worker = record[keys.CLAIMED_BY]
+    return not is_dead_here(worker) and (
+        time.time() - float(record.get(keys.CLAIM_BEAT, 0)) <= grace_s)
 
 
 class Every:

@@ -142,6 +142,52 @@ class DeadTrials:
         self.found.append(trial.number)
 
 
+ORPHAN = "its process ended before it could end this run (killed, or the machine lost)"
+
+
+def end_orphan_runs(study: optuna.Study, tracker: Tracker, grace_s: float) -> int:
+    """Under the study lock, after recover_dead_trials: MLflow trial and repeat runs left
+    RUNNING by a process that died before it ended them (or before its trial named them) are
+    ended: as their trial or repeat ended when it did (the process died after the tell), else
+    KILLED. A run is left alone while its trial is RUNNING, or its repeat is being trained by a
+    live worker. Returns how many were ended."""
+    running = tracker.running_children()
+    if not running:
+        return 0
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    attrs = study.user_attrs if any(role == "repeat" for _, role, _, _ in running) else {}
+    ended = 0
+    for run_id, role, number, k in running:
+        if role == "trial":
+            t = trials.get(number)
+            if t is None:
+                continue
+            own = t.user_attrs.get(keys.MLFLOW_RUN_ID)
+            if t.state == TrialState.RUNNING and own in (None, run_id):
+                continue
+            if own == run_id and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                summary = {m: t.user_attrs[m] for m in (EPOCHS_RUN, BEST_VAL_ACC, BEST_EPOCH)
+                           if m in t.user_attrs}
+                tracker.end_trial(run_id, t.state.name, summary)
+            else:
+                error = t.user_attrs.get(keys.ERROR) if own == run_id else None
+                tracker.end_trial(run_id, "FAIL", {}, error=error or ORPHAN, status="KILLED")
+        else:
+            record = attrs.get(f"{keys.REPEAT}.{number}.{k}")
+            if not isinstance(record, dict):
+                record = {}
+            done = record.get(keys.RUN_ID) == run_id
+            if not done and liveness.claim_is_live(record, grace_s):
+                continue
+            if done and VAL_ACC in record:
+                tracker.end_trial(run_id, "COMPLETE", {})
+            else:
+                error = (record.get(keys.ERROR) or record.get(keys.DIVERGED)) if done else None
+                tracker.end_trial(run_id, "FAIL", {}, error=error or ORPHAN, status="KILLED")
+        ended += 1
+    return ended
+
+
 def recover_dead_trials(study: optuna.Study, tracker: Tracker) -> list[int]:
     """Under the study lock: trials left RUNNING by a worker that died (kill -9, power loss, a
     lost machine) fail, their MLflow runs end KILLED and their configurations run again.

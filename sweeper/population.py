@@ -43,6 +43,7 @@ from lightning_modules.population import (
 from sweeper import (
     checkpoints,
     console,
+    faultpoints,
     keys,
     liveness,
     objectives,
@@ -307,6 +308,7 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
                 module = build_population(specs, splits)  # while the runs are made
                 for m, run in zip(members, runs, strict=True):
                     m.run_id = run.result()
+                faultpoints.reached("population-runs-made")
                 trial_writes.set_user_attrs({m.trial: {keys.N_PARAMS: n_params,
                                                        keys.MLFLOW_RUN_ID: m.run_id,
                                                        keys.POPULATION: len(members)}

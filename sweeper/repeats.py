@@ -90,9 +90,7 @@ def _taken(have: dict[str, Any] | None, grace_s: float) -> bool:
         return False
     if VAL_ACC in have or keys.DIVERGED in have:
         return True
-    worker = have.get(keys.CLAIMED_BY)
-    return worker is not None and not liveness.is_dead_here(worker) and (
-        time.time() - float(have.get(keys.CLAIM_BEAT, 0)) <= grace_s)
+    return liveness.claim_is_live(have, grace_s)
 
 
 def _claim(study: optuna.Study, key: str, worker: str) -> None:

@@ -204,6 +204,16 @@ def ask(study: optuna.Study, cfg: Config, room: int) -> list[tuple[optuna.Trial,
     return asked
 
 
+def recover(study: optuna.Study, tracker: Tracker, grace_s: float) -> None:
+    """Under the study lock: what dead workers left RUNNING is ended (and their trials queued
+    again), said once per trial."""
+    for number in outcome.recover_dead_trials(study, tracker):
+        print(f"trial {number} was left running by a process that died: marked failed, its "
+              "configuration queued again", flush=True)
+    if ended := outcome.end_orphan_runs(study, tracker, grace_s):
+        print(f"{ended} MLflow run(s) left running by a process that died: ended", flush=True)
+
+
 def release_held(study: optuna.Study, tracker: Tracker, why: str, interrupted: bool) -> int:
     """Every trial this worker still holds fails with `why` and is queued again."""
     me = liveness.this_worker()
@@ -254,6 +264,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                     "search_space": json.dumps(search_space.describe(s.space))},
             tags={keys.N_TRIALS_TAG: str(target), keys.DATA_TAG: splits.source,
                   keys.STORAGE_TAG: s.storage})
+        recover(study, tracker, s.heartbeat_grace_s)
     done = n_finished(study)
     print(f"study {s.study_name!r}: {done}/{target} finished trials in {s.storage}; "
           f"MLflow {cfg.tracking.uri} (parent run {parent[:8]})\n"
@@ -271,9 +282,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     try:
         while n_finished(study) < target:
             with lock():
-                for number in outcome.recover_dead_trials(study, tracker):
-                    print(f"trial {number} was left running by a process that died: marked "
-                          "failed, its configuration queued again", flush=True)
+                recover(study, tracker, s.heartbeat_grace_s)
                 if first:
                     first = False
                     if lost := outcome.requeue_lost_splits(study):
@@ -414,6 +423,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
             run_id = tracker.start_trial(parent, trial.number,
                                          spec.mlflow_params() | {keys.N_PARAMS: n_params},
                                          {keys.DATA_TAG: splits.source})
+            faultpoints.reached("trial-run-made")
             attrs = {keys.N_PARAMS: n_params, keys.MLFLOW_RUN_ID: run_id}
             if "size" in params:  # the width that `size` picked, for the report
                 attrs[keys.WIDTH] = spec.arch.hidden[0]

@@ -110,6 +110,24 @@ class Tracker:
             if not token:
                 return numbers
 
+    def running_children(self) -> list[tuple[str, str, int, int]]:
+        """(run id, role, trial number, seed index) of this study's trial and repeat runs that
+        are still RUNNING."""
+        found, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                max_results=1000, page_token=token)
+            for r in page:
+                tags = r.data.tags
+                if tags.get(keys.ROLE_TAG) in ("trial", "repeat") and \
+                        tags.get(keys.TRIAL_TAG, "").isdigit():
+                    found.append((r.info.run_id, tags[keys.ROLE_TAG], int(tags[keys.TRIAL_TAG]),
+                                  int(tags.get(keys.REPEAT_TAG, "0") or 0)))
+            token = page.token
+            if not token:
+                return found
+
     def has_runs(self, role: str) -> bool:
         runs = self.client.search_runs([self.experiment_id],
                                        filter_string=f"tags.`{keys.ROLE_TAG}` = '{role}'",

@@ -73,3 +73,54 @@ def test_a_killed_export_leaves_a_side_folder_that_the_next_one_removes(tmp_path
     done = _export(tmp_path, "--out", "out", "--no-mlflow")
     assert done.returncode == 0, done.stderr
     assert not list(tmp_path.glob(".out.export-*"))
+
+
+def test_runs_left_running_are_ended_by_the_next_start_and_live_ones_kept(tmp_path):
+    import optuna
+
+    from sweeper import keys, liveness, outcome
+    from sweeper.tracking import Tracker
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db",
+                                direction="maximize")
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", None, "s")
+    parent = tracker.open_parent({}, {})
+    failed, running, done = study.ask(), study.ask(), study.ask()
+    orphan = tracker.start_trial(parent, failed.number, {}, {})  # killed before naming it
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    in_flight = tracker.start_trial(parent, running.number, {}, {})  # its worker is at it
+    finished = tracker.start_trial(parent, done.number, {}, {})  # died after the tell
+    done.set_user_attr(keys.MLFLOW_RUN_ID, finished)
+    done.set_user_attr("epochs_run", 2)
+    study.tell(done, 0.9)
+    dead_repeat = tracker.start_trial(parent, done.number, {}, {}, repeat=1)
+    study.set_user_attr(f"{keys.REPEAT}.{done.number}.1",
+                        {keys.CLAIMED_BY: "elsewhere:x:y:1:2", keys.CLAIM_BEAT: 0.0})
+    live_repeat = tracker.start_trial(parent, done.number, {}, {}, repeat=2)
+    study.set_user_attr(f"{keys.REPEAT}.{done.number}.2",
+                        {keys.CLAIMED_BY: liveness.this_worker(), keys.CLAIM_BEAT: 1e12})
+    assert outcome.end_orphan_runs(study, tracker, grace_s=60) == 3
+    status = {r: tracker.client.get_run(r).info.status
+              for r in (orphan, in_flight, finished, dead_repeat, live_repeat)}
+    assert status == {orphan: "KILLED", in_flight: "RUNNING", finished: "FINISHED",
+                      dead_repeat: "KILLED", live_repeat: "RUNNING"}
+    tags = tracker.client.get_run(finished).data
+    assert tags.tags[keys.STATE_TAG] == "COMPLETE" and tags.metrics["epochs_run"] == 2
+    assert outcome.ORPHAN in tracker.client.get_run(orphan).data.tags[keys.ERROR_TAG]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, extra", [("trial-run-made", []),
+                                          ("population-runs-made", ["search.population=2"])])
+def test_a_kill_before_a_trial_names_its_run_leaves_no_run_running(tmp_path, point, extra):
+    killed = sweep(tmp_path, *ONE_TRIAL, "search.n_trials=2", *extra,
+                   SWEEPER_TEST_STOP_AT=point)
+    assert killed.returncode < 0
+    again = sweep(tmp_path, *ONE_TRIAL, "search.n_trials=2", *extra)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "MLflow run(s) left running by a process that died: ended" in again.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("smoke")
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
+    assert "RUNNING" not in statuses, statuses  # before: the killed trial's run, for good
+    assert statuses.count("KILLED") == (1 if not extra else 2)
