@@ -9,16 +9,24 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweeper import sweep_grammar
+from sweeper import stores, sweep_grammar
 from sweeper.config import check_composes, check_overrides, to_config, validate
 from sweeper.errors import Refused, UserError, one_line
 
 
-def check_output_folder() -> None:
-    """Hydra makes its run folder under mlruns/ before our code runs."""
-    if Path("mlruns").exists() and not Path("mlruns").is_dir():
-        raise UserError(f"{Path('mlruns').resolve()} is a file: the runtime folder mlruns/ "
+def check_output_folder(argv: list[str]) -> None:
+    """Hydra makes its run folder under mlruns/hydra/ before our code runs (unless the command
+    line moves it): mlruns/ must be a folder that can be written."""
+    mlruns = Path("mlruns")
+    if mlruns.is_symlink() and not mlruns.exists():
+        raise UserError(f"{mlruns.absolute()} is a symbolic link that leads nowhere (a loop, or "
+                        "its target is gone): the runtime folder mlruns/ must be a folder; fix "
+                        "or remove the link")
+    if mlruns.exists() and not mlruns.is_dir():
+        raise UserError(f"{mlruns.resolve()} is a file: the runtime folder mlruns/ "
                         "must be a folder; move the file away")
+    if not any(a.startswith(("hydra.run.dir=", "hydra/")) for a in argv):
+        stores.prepare_folder(mlruns / "hydra", "the runtime folder mlruns/")
 
 
 def remove_run_folder(folder: Path, job: str) -> None:
@@ -43,7 +51,7 @@ def preflight(argv: list[str]) -> list[str]:
     if not any(a.startswith("-") for a in argv):
         check_overrides(argv)
         check_composes(argv)
-    check_output_folder()
+    check_output_folder(argv)
     return argv
 
 

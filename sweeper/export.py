@@ -331,8 +331,9 @@ def log_to_mlflow(tracking_uri: str, run_id: str | None, model: nn.Module, out: 
 
     import mlflow
 
-    for name in ("mlflow", "torch._export", "torch.export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    stores.quiet_mlflow()
+    for name in ("torch._export", "torch.export", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     mlflow.set_tracking_uri(tracking_uri)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -376,6 +377,32 @@ def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
     if not args.no_mlflow:
         stores.check_reachable(args.tracking_uri, "--tracking-uri")
     return kaggle.read_test(args.kaggle_test) if args.kaggle_test else None
+
+
+def check_writable(args: argparse.Namespace, run_id: str | None) -> None:
+    """Before any work: every place the export writes to can be written (the MLflow store and
+    the artifact folders of the trial's run and experiment, predict's pointer in mlruns/)."""
+    from sweeper.predict import LAST_EXPORT
+
+    stores.prepare_folder(LAST_EXPORT.parent, f"{LAST_EXPORT.parent}/ (where predict finds the "
+                          "last export)")
+    if args.no_mlflow:
+        return
+    stores.prepare_sqlite(args.tracking_uri, "--tracking-uri")
+    import mlflow
+
+    stores.quiet_mlflow()
+    client = mlflow.MlflowClient(args.tracking_uri)
+    try:
+        exp = client.get_experiment_by_name(args.study)
+        uris = [exp.artifact_location] if exp is not None else []
+        if run_id is not None:
+            uris.append(client.get_run(run_id).info.artifact_uri)
+    except Exception as e:  # a store MLflow cannot read
+        raise UserError(f"--tracking-uri {args.tracking_uri}: {one_line(e, 200)}") from None
+    for uri in uris:
+        if (path := stores.local_path(uri)) is not None:
+            stores.prepare_folder(path, f"the MLflow artifact store of study {args.study!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,6 +449,7 @@ def run(args: argparse.Namespace) -> None:
     except Exception as e:  # not an Optuna database, unreachable server
         raise UserError(f"--storage {args.storage}: {one_line(e, 200)}") from None
     trial = choose_trial(study, args.trial)
+    check_writable(args, trial.user_attrs.get(keys.MLFLOW_RUN_ID))
     cfg = recipe.of_trial(study, trial)  # the settings this trial trained with
     if args.epochs is not None:  # the schedule (cosine, one-cycle) stretches to the new length
         cfg.trainer.max_epochs = args.epochs

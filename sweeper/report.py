@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import keys, objectives, repeats, size_effect, stats
+from sweeper import keys, objectives, repeats, size_effect, stats, stores
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING
-from sweeper.errors import UserError
+from sweeper.errors import UserError, one_line
 
 DROPOUT_BANDS = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.0))  # dropout confounds size: compare within
 COVARIATES = ("depth", "size", "dropout", "lr", "family")  # Row's own fields (size: n_params)
@@ -578,8 +578,13 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
     if parent is not None:
         from mlflow import MlflowClient
 
-        MlflowClient(tracking_uri=tracking_uri).log_artifacts(parent.info.run_id, str(out),
-                                                              "report")
+        try:
+            MlflowClient(tracking_uri=tracking_uri).log_artifacts(parent.info.run_id, str(out),
+                                                                  "report")
+        except Exception as e:  # the report is written; only its copy in MLflow is missing
+            raise UserError(f"the report is written to {out}, but logging it to MLflow "
+                            f"({tracking_uri}) failed: {one_line(e, 200)}; --no-mlflow skips "
+                            "that") from None
     return rep
 
 
@@ -588,6 +593,7 @@ def parent_run(tracking_uri: str, study_name: str) -> Any:
 
     from sweeper.tracking import find_parent
 
+    stores.quiet_mlflow()
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(study_name)
     return None if exp is None else find_parent(client, exp.experiment_id)
@@ -610,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out or Path("mlruns/reports") / args.study
     try:
+        stores.prepare_folder(out, "--out")  # before any work: the report is written there
         rep = build(args.study, args.storage, None if args.no_mlflow else args.tracking_uri, out,
                     args.include_pruned, (args.min_params, args.max_params or 2**63)
                     if args.min_params or args.max_params else None, args.margin)

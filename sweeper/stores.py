@@ -143,6 +143,16 @@ def set_aside_if_empty(path: Path) -> Path | None:
 
 
 def quiet_mlflow() -> None:
-    """MLflow logs INFO lines (e.g. 'Updating database tables') through its own logger."""
+    """MLflow logs through its own loggers: INFO lines ('Updating database tables') and, when a
+    write fails, ERROR lines and tracebacks before the exception we turn into one line."""
     for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def local_path(uri: str) -> Path | None:
+    """The folder of a local artifact URI (file:///x or a plain path); None for remote ones."""
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    return None if "://" in uri else Path(uri)

@@ -4,13 +4,15 @@ line for every refusal. Timing windows are reached through sweeper.faultpoints, 
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 from mlflow import MlflowClient
 
 from sweeper import stores
-from tests.test_faults_round2 import ONE_TRIAL, _export
-from tests.test_study import sweep
+from tests.cli import refusal
+from tests.test_faults_round2 import ONE_TRIAL, _export, one_error_line
+from tests.test_study import REPO, sweep
 
 
 def test_litter_of_a_killed_process_is_removed_and_a_live_ones_kept(tmp_path):
@@ -124,3 +126,30 @@ def test_a_kill_before_a_trial_names_its_run_leaves_no_run_running(tmp_path, poi
     statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
     assert "RUNNING" not in statuses, statuses  # before: the killed trial's run, for good
     assert statuses.count("KILLED") == (1 if not extra else 2)
+
+
+def test_mlruns_as_a_looping_link_is_one_line(tmp_path):
+    (tmp_path / "mlruns").symlink_to("mlruns")  # before: Hydra's 6-line OSError
+    assert "is a symbolic link that leads nowhere" in refusal(tmp_path, *ONE_TRIAL)
+
+
+@pytest.mark.slow
+def test_a_read_only_mlruns_is_one_line_for_every_command(tmp_path):
+    assert sweep(tmp_path, *ONE_TRIAL).returncode == 0
+    mlruns = tmp_path / "mlruns"
+    if subprocess.run(["chattr", "-R", "+i", str(mlruns)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs root on a filesystem with it)")
+    try:
+        # before: a 6-line traceback, a 23-line one naming the wrong cause, and files written
+        # then 86 lines of MLflow ERROR logs
+        line = one_error_line(sweep(tmp_path, *ONE_TRIAL, "search.n_trials=2"))
+        assert "cannot write to mlruns/hydra" in line
+        report = subprocess.run([sys.executable, "-m", "sweeper.report", "--study", "smoke"],
+                                cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert "cannot write to mlruns/reports/smoke" in one_error_line(report)
+        export = _export(tmp_path, "--out", str(tmp_path / "out"))
+        assert "cannot write to mlruns" in one_error_line(export)
+        assert not (tmp_path / "out").exists()  # checked before any work
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(mlruns)])
