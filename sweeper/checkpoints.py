@@ -6,6 +6,7 @@ kept trial keep theirs beside it (`trial-NNN-seed-K.pt`): export's seed ensemble
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from lightning_modules.models import Architecture, build_model
 from sweeper import keys, objectives
 from sweeper.config import Config
 from sweeper.data import Splits
-from sweeper.errors import UserError
+from sweeper.errors import DiskFull, UserError, disk_full
 from sweeper.stores import sqlite_path
 
 
@@ -58,8 +59,12 @@ def save_to(path: Path, number: int, net: torch.nn.Module, arch: Architecture, s
                 "n_classes": splits.n_classes, "mean": splits.mean, "std": splits.std,
                     "data_source": splits.source, "trial": number, "metrics": metrics}, part)
         part.replace(path)
-    except BaseException:
+    except BaseException as e:
         part.unlink(missing_ok=True)
+        if disk_full(e):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFull(f"the disk is full: writing {path} failed ({free / 1e6:.1f} MB free "
+                           "there)") from None
         raise
     return path
 

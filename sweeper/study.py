@@ -43,7 +43,7 @@ from sweeper import (
     trial_writes,
 )
 from sweeper.config import Config
-from sweeper.errors import Refused, UserError, one_line
+from sweeper.errors import DiskFull, Refused, UserError, disk_full, one_line
 from sweeper.study_lock import StudyLock
 from sweeper.tracking import Tracker
 
@@ -328,6 +328,13 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             held = release_held(study, tracker, "interrupted" if interrupted else one_line(e),
                                 interrupted)
         console.clear_live()
+        if not interrupted and disk_full(e):
+            what = str(e) if isinstance(e, UserError) else f"the disk is full ({one_line(e)})"
+            queued = (f"{held} running trial(s) queued to run again; " if held else "")
+            raise DiskFull(f"{what}. Kept: {n_finished(study)}/{target} finished trials in "
+                           f"{s.storage} and MLflow; {queued}free some space and run the same "
+                           "command to resume (the next start ends whatever this one could not)"
+                           ) from None
         if interrupted:
             running = (f"{held} running trial(s) marked failed, to run again first; " if held
                        else "")

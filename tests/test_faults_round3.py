@@ -153,3 +153,46 @@ def test_a_read_only_mlruns_is_one_line_for_every_command(tmp_path):
         assert not (tmp_path / "out").exists()  # checked before any work
     finally:
         subprocess.run(["chattr", "-R", "-i", str(mlruns)])
+
+
+def test_a_full_disk_stops_the_sweep_saying_what_is_kept(tiny_cfg, monkeypatch):
+    import optuna
+
+    from sweeper import checkpoints
+    from sweeper.errors import DiskFull
+    from sweeper.study import run_study
+
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 "
+                           "vs 1430")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    with pytest.raises(DiskFull) as e:
+        run_study(tiny_cfg)
+    message = str(e.value)  # before: the RuntimeError alone, exit 1
+    assert message.startswith("the disk is full: writing ") and "trial-000.pt failed" in message
+    assert "Kept: 0/2 finished trials in sqlite:///" in message
+    assert "1 running trial(s) queued to run again" in message and "\n" not in message
+    study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id])}
+    assert statuses == {"tiny": "FAILED", "trial-000": "FAILED"}  # nothing left RUNNING
+    monkeypatch.undo()
+    assert len(run_study(tiny_cfg).trials) == 3  # resumed: the failed trial ran again
+
+
+@pytest.mark.slow
+def test_a_full_checkpoint_disk_is_one_line(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        line = one_error_line(sweep(tmp_path, *ONE_TRIAL, f"search.checkpoint_dir={small}"))
+        assert line.startswith("sweeper: error: the disk is full: writing ")
+        assert "Kept: 0/1 finished trials" in line
+    finally:
+        subprocess.run(["umount", str(small)])
