@@ -17,11 +17,7 @@ PIXELS = [f"pixel{i}" for i in range(N_PIXELS)]
 def read_train(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 28, 28] uint8, labels [N] int64)"""
     table = _read(path, ["label", *PIXELS], "train.csv")
-    labels = table[:, 0]
-    bad = np.flatnonzero(labels > 9)
-    if bad.size:
-        raise UserError(f"{path}: line {bad[0] + 2}: label {labels[bad[0]]} is not a digit 0-9")
-    return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), labels
+    return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), table[:, 0]
 
 
 def read_test(path: Path) -> np.ndarray:
@@ -55,15 +51,23 @@ def _read(path: Path, columns: list[str], kind: str) -> np.ndarray:
     missing = np.isnan(table)
     if missing.any():
         row, col = np.argwhere(missing)[0]
-        width = _row_width(path, row + 2)
-        if width == len(columns):
-            raise UserError(f"{path}: line {row + 2}, column {columns[col]}: empty value")
-        raise UserError(f"{path}: line {row + 2}: {width} values, expected {len(columns)}")
+        cells = _row(path, row + 2)
+        if len(cells) != len(columns):
+            raise UserError(f"{path}: line {row + 2}: {len(cells)} values, expected "
+                            f"{len(columns)}")
+        cell = cells[col].strip()
+        raise UserError(f"{path}: line {row + 2}, column {columns[col]}: " + (
+            "empty value" if not cell else f"{cell[:40]!r} is not a number"))
     not_int = table != np.round(table)
     if not_int.any():
         row, col = np.argwhere(not_int)[0]
         raise UserError(f"{path}: line {row + 2}, column {columns[col]}: {table[row, col]} is "
                         "not an integer")
+    if columns[0] == "label":
+        bad = np.flatnonzero((table[:, 0] < 0) | (table[:, 0] > 9))
+        if bad.size:
+            raise UserError(f"{path}: line {bad[0] + 2}: label {table[bad[0], 0]:g} is not a "
+                            "digit 0-9")
     out = (table < 0) | (table > 255)
     if out.any():
         row, col = np.argwhere(out)[0]
@@ -99,6 +103,10 @@ def _check_text(path: Path, kind: str) -> str:
 def _check_header(path: Path, got: list[str], want: list[str], kind: str) -> None:
     if got == want:
         return
+    if all(_number(c) for c in got):
+        raise UserError(f"{path}: the first line is data, not a header: {kind} starts with the "
+                        f"line {want[0]},{want[1]},...,{want[-1]} (as Kaggle gives it); put it "
+                        "back")
     got_set, want_set = set(got), set(want)
     if kind == "test.csv" and "label" in got_set:
         raise UserError(f"{path}: has a 'label' column: this looks like train.csv, not test.csv")
@@ -120,18 +128,26 @@ def _check_header(path: Path, got: list[str], want: list[str], kind: str) -> Non
                     f"expected {want[first]!r}")
 
 
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _pandas_detail(e: Exception) -> str:
     msg = " ".join(str(e).split())
     # "Error tokenizing data. C error: Expected 785 fields in line 3, saw 786"
     return msg.split("C error: ")[-1]
 
 
-def _row_width(path: Path, line_no: int) -> int:
+def _row(path: Path, line_no: int) -> list[str]:
     with path.open() as f:
         for i, line in enumerate(f, 1):
             if i == line_no:
-                return len(line.rstrip("\r\n").split(","))
-    return 0
+                return line.rstrip("\r\n").split(",")
+    return []
 
 
 def _first_non_number(path: Path, width: int) -> str:

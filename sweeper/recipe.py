@@ -21,6 +21,8 @@ from sweeper.config import Config
 from sweeper.errors import UserError
 
 SECTIONS = ("seed", "data", "model", "augment", "trainer")
+# Identity keys left out at their default value (studies made before they existed match).
+OMITTED_AT_DEFAULT = {"trainer.precision": "32"}
 # Recipe settings free to differ between runs and workers: where the data lives (it is known by
 # its content), the device, and two knobs that change speed only (evaluation batch size;
 # steps_per_execution groups optimizer steps and is numerically identical to 1).
@@ -66,8 +68,9 @@ def identity(cfg: Config, data_content: str) -> dict[str, Any]:
             out.pop("model.width", None)
     out |= {"search.space": search_space.describe(space), "search.objective":
             cfg.search.objective, "data.content": data_content}
-    if out.get("trainer.precision") == "32":  # at its default, absent (as before it existed)
-        del out["trainer.precision"]
+    for key, default in OMITTED_AT_DEFAULT.items():  # absent, as before the setting existed
+        if out.get(key) == default:
+            del out[key]
     if cfg.search.objectives:  # absent from single-objective studies (as before it existed)
         out["search.objectives"] = [[m, d] for m, d in cfg.search.objectives.items()]  # order
     return json.loads(json.dumps(out))  # as stored: tuples become lists
@@ -102,7 +105,8 @@ def differences(have: Any, want: Any, key: str = "") -> dict[str, tuple[Any, Any
 
 
 def refuse(study_name: str, storage: str, have: dict[str, Any], want: dict[str, Any]) -> None:
-    diff = differences(have, want)
+    # a setting absent at its default is shown at that value, not as null
+    diff = differences(OMITTED_AT_DEFAULT | have, OMITTED_AT_DEFAULT | want)
     if diff:
         def show(v: Any) -> str:
             text = json.dumps(v)

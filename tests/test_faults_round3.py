@@ -196,3 +196,27 @@ def test_a_full_checkpoint_disk_is_one_line(tmp_path):
         assert "Kept: 0/1 finished trials" in line
     finally:
         subprocess.run(["umount", str(small)])
+
+
+def test_a_resume_at_another_precision_names_the_studys_precision(tiny_cfg):
+    from sweeper.errors import UserError
+    from sweeper.study import run_study
+
+    tiny_cfg.search.n_trials, tiny_cfg.trainer.max_epochs = 1, 1
+    run_study(tiny_cfg)
+    tiny_cfg.trainer.precision = "bf16"
+    with pytest.raises(UserError, match=r'trainer\.precision \(study "32", this run "bf16"\)'):
+        run_study(tiny_cfg)  # before: (study null, ...)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_population_names_the_members_it_failed(tmp_path):
+    import signal
+
+    from tests.test_faults import SLOW_SMOKE, Sweep, wait_until_training
+
+    run = Sweep(tmp_path, *SLOW_SMOKE, "search.population=2")
+    wait_until_training(tmp_path, 0, timeout=300)
+    assert run.stop(signal.SIGTERM) == 130
+    assert "interrupted: 0/3 trials finished and saved; 2 running trial(s) marked failed, to " \
+        "run again first" in "".join(run.output)

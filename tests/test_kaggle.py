@@ -66,6 +66,11 @@ def _bad_train(tmp_path, header=None, rows=None):
     (None, [[3, -1, *[0] * 783]], "line 2, column pixel0: -1 is outside 0-255"),
     (None, [[12, *[0] * 784]], "line 2: label 12 is not a digit 0-9"),
     (None, [[3, "", *[0] * 783]], "line 2, column pixel0: empty value"),
+    # issue 31: before, "-1 is outside 0-255", "empty value" and "missing column(s) label, ..."
+    (None, [[-1, *[0] * 784]], "line 2: label -1 is not a digit 0-9"),
+    (None, [[3, "NaN", *[0] * 783]], "line 2, column pixel0: 'NaN' is not a number"),
+    (",".join(["3", *["0"] * 784]), None, "the first line is data, not a header: train.csv "
+     "starts with the line label,pixel0,...,pixel783"),
 ])
 def test_bad_train_csv(tmp_path, header, rows, message):
     path = _bad_train(tmp_path, header, rows)
