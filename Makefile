@@ -1,5 +1,7 @@
 # make run   -> set up .venv (first time) and run the default experiment (depth_vs_width)
-# make test  -> set up .venv (first time), lint, type-check and run the test suite
+# make test  -> set up .venv (first time), lint, type-check and run the fast tests (< 5 min)
+# make test-all -> the same with every test (kill/resume, PostgreSQL, families, populations,
+#                  exports; what CI runs), printing the 15 slowest
 # make lock  -> re-pin requirements.lock (after changing dependencies in pyproject.toml)
 # The newest Python >= 3.11 that runs here (pyenv shims that are not active do not); or
 # `make PYTHON=/path/to/python3.12 run`.
@@ -12,7 +14,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run smoke test lint bench ui lock which-python
+.PHONY: run smoke test test-all lint bench ui lock which-python
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "$(NO_PYTHON)" >&2; exit 1; }
@@ -36,7 +38,10 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: lint
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_trial.py $(ARGS)
