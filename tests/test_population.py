@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from lightning_modules.metrics import EPOCH_METRICS, EPOCHS_RUN, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import checkpoints, data, keys, outcome, population, training
+from sweeper import checkpoints, data, keys, ledger, population, training
 from sweeper.config import AugmentConfig, Config, DataConfig, ParamSpec
 from sweeper.errors import UserError
 from sweeper.keys import ROLE_TAG
@@ -508,16 +508,16 @@ def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, mo
     """Ctrl-C between an out-of-memory member's FAIL and its queueing: the next run queues
     that configuration again (it is not running, so nothing else would)."""
     memory_for(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory"))
-    real = outcome.requeue
+    real = ledger.Ledger.requeue
     calls: list[int] = []
 
-    def interrupted_once(study, trial):
+    def interrupted_once(self, trial):
         calls.append(trial.number)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        return real(study, trial)
+        return real(self, trial)
 
-    monkeypatch.setattr(outcome, "requeue", interrupted_once)
+    monkeypatch.setattr(ledger.Ledger, "requeue", interrupted_once)
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
     tiny_cfg.search.pruner = "none"
     with pytest.raises(KeyboardInterrupt):
