@@ -2,18 +2,28 @@
 another worker ended refuses alone, one heartbeat covers every held trial, and seed-repeat
 claims never replace a result."""
 
+import contextlib
+import copy
 import math
+import threading
+import time
 import warnings
 from collections.abc import Callable
 
 import optuna
 import pytest
+from mlflow import MlflowClient
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from sqlalchemy import event
 
-from sweeper import keys, ledger
+from lightning_modules.metrics import VAL_ACC
+from sweeper import keys, ledger, population, training
+from sweeper import study as study_loop
+from sweeper.config import ParamSpec
 from sweeper.ledger import DeadTrials, Ledger
+from sweeper.study_lock import StudyLock
+from tests.test_faults import wait_for_state
 
 ATTRS = {"val_acc": 0.98, "epochs_run": 3, "checkpoint": "/x/y.pt", "nested": {"a": [1, 2]},
          "nan": math.nan}
@@ -260,3 +270,130 @@ def test_old_sqlite_writes_row_by_row(tmp_path, monkeypatch: pytest.MonkeyPatch)
     book.beat()
     assert n[0] == 2 and not any("ON CONFLICT" in sql for sql in statements)
     assert [t.user_attrs["a"] for t in stored(s.url)] == [1, 2]
+
+
+def _in_thread(name: str, fn: Callable[[], object]) -> tuple[threading.Thread, list]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+@pytest.mark.slow
+def test_a_populations_waiting_part_outlives_the_grace_period(tiny_cfg, monkeypatch) -> None:
+    """Two workers on one study. Worker A asks a population of two shapes (a grid over widths:
+    two parts, trained one after the other) and its first part trains past the heartbeat grace
+    period while worker B looks for dead trials. Before: the waiting member had no heartbeat,
+    B failed it and queued it again, A's writes to it raised UpdateFinishedTrialError, A's
+    sweep failed and MLflow runs stayed RUNNING."""
+    cfg = tiny_cfg
+    cfg.search.sampler, cfg.search.pruner = "grid", "none"
+    cfg.search.space = {"depth": ParamSpec("categorical", choices=[1]),
+                        "width": ParamSpec("categorical", choices=[16, 32])}
+    cfg.search.population = cfg.search.n_trials = 2
+    cfg.trainer.max_epochs = 1
+    cfg.search.heartbeat_interval_s, cfg.search.heartbeat_grace_s = 1, 3
+    monkeypatch.setattr(study_loop, "WAIT_POLL_S", 0.1)  # B looks for dead trials this often
+
+    looked: list[float] = []  # when B's passes over dead trials started
+    real_fail_stale = optuna.storages.fail_stale_trials
+
+    def fail_stale(study: optuna.Study) -> None:
+        t0 = time.monotonic()
+        real_fail_stale(study)
+        if threading.current_thread().name == "B":
+            looked.append(t0)
+
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", fail_stale)
+    first_part: list[float] = []
+    fit = population.fit_population
+
+    def first_part_outlasts_the_grace(module, specs, splits, on_epoch):  # type: ignore[no-untyped-def]
+        if not first_part:
+            first_part.append(time.monotonic())
+            # Until B has looked for dead trials, past the grace period since A's first part
+            # began (2 s more: SQLite's clock counts whole seconds).
+            late = first_part[0] + cfg.search.heartbeat_grace_s + 2
+            wait_for_state(lambda: any(t > late for t in looked), "B never looked", 120)
+        return fit(module, specs, splits, on_epoch)
+
+    monkeypatch.setattr(population, "fit_population", first_part_outlasts_the_grace)
+    a, a_failed = _in_thread("A", lambda: study_loop.run_study(cfg))
+    wait_for_state(lambda: bool(first_part), "A never trained", 120)
+    b, b_failed = _in_thread("B", lambda: study_loop.run_study(copy.deepcopy(cfg)))
+    for worker in (a, b):
+        worker.join(timeout=300)
+        assert not worker.is_alive()
+    assert a_failed == [] and b_failed == []  # before: A failed (UpdateFinishedTrialError)
+    study = optuna.load_study(study_name="tiny", storage=cfg.search.storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2  # none failed, no retry
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("tiny")
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get(keys.ROLE_TAG) == "trial"]
+    assert sorted(int(r.data.tags[keys.TRIAL_TAG]) for r in children) == [0, 1]  # ended once
+    assert all(r.info.status == "FINISHED" for r in client.search_runs([exp.experiment_id]))
+
+
+@pytest.mark.slow
+def test_a_claim_renewed_after_the_result_never_replaces_it(tiny_cfg, monkeypatch) -> None:
+    """The heartbeat's renew of a seed repeat's claim is held back until the repeat's result
+    is written. Before: the renew thread (joined for 5 s at most) then wrote the claim over the
+    result, and the repeat was trained again by the next run."""
+    cfg = tiny_cfg
+    cfg.search.pruner, cfg.search.n_trials = "none", 1
+    cfg.confirm.seeds, cfg.confirm.top_k = 2, 1
+    cfg.search.heartbeat_interval_s, cfg.search.heartbeat_grace_s = 1, 3
+    renewing, result_written, renewed = threading.Event(), threading.Event(), threading.Event()
+
+    def held_back() -> bool:
+        """On the heartbeat's thread: wait for the result, then go on."""
+        if threading.current_thread() is threading.main_thread():
+            return False
+        renewing.set()
+        assert result_written.wait(timeout=120)
+        return True
+
+    real_set = optuna.Study.set_user_attr
+
+    def set_user_attr(self, key, value):  # type: ignore[no-untyped-def]
+        late = isinstance(value, dict) and keys.CLAIMED_BY in value and held_back()
+        real_set(self, key, value)
+        if isinstance(value, dict) and VAL_ACC in value:
+            result_written.set()
+        if late:
+            renewed.set()
+
+    real_lock = StudyLock.__call__
+
+    @contextlib.contextmanager
+    def lock(self):  # type: ignore[no-untyped-def]
+        late = held_back()  # a renew decided before the result, landing after it
+        with real_lock(self):
+            yield
+        if late:
+            renewed.set()
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", set_user_attr)
+    monkeypatch.setattr(StudyLock, "__call__", lock)
+    fits: list[int] = []
+    real_fit = training.fit
+
+    def fit(module, spec, splits, on_epoch):  # type: ignore[no-untyped-def]
+        fits.append(1)
+        if len(fits) == 2:  # the repeat trains until a renew of its claim is on its way
+            wait_for_state(renewing.is_set, "its claim was never renewed", 120)
+        return real_fit(module, spec, splits, on_epoch)
+
+    monkeypatch.setattr(training, "fit", fit)
+    study = study_loop.run_study(cfg)
+    wait_for_state(renewed.is_set, "the late renew never landed", 120)
+    record = study.user_attrs[f"{keys.REPEAT}.{study.best_trial.number}.1"]
+    assert VAL_ACC in record and keys.CLAIMED_BY not in record  # before: the claim
