@@ -177,7 +177,7 @@ class _Batched:
 
         m = self.models
         ids = sorted(set(attrs) | set(values) | set(beats))
-        with self._session(self.rdb.scoped_session, True) as session:  # commits at the end
+        with self._session(self.rdb.scoped_session) as session:  # commits at the end
             running: set[int] = set()
             for chunk in _chunks(ids):
                 query = session.query(m.TrialModel.trial_id, m.TrialModel.state) \
