@@ -444,20 +444,31 @@ class Ledger:
         """`attrs`, then Optuna's tell, then (run_again) its configuration queued to run first.
         None when the trial was no longer this worker's (ended by another); else the trial as
         stored."""
+        return self.tell_all([(trial, state, values, attrs or {}, run_again)])[0]
+
+    def tell_all(self, ends: list[tuple[optuna.Trial, TrialState, list[float] | None,
+                                        Mapping[str, Any], bool]]) -> list[FrozenTrial | None]:
+        """tell() for each (trial, state, values, attrs, run_again), the attributes of all of
+        them in one write."""
         try:
-            if self._write({trial: attrs or {}}, {}, 0, []):
-                return None
-            try:  # values: COMPLETE, or FAIL when Optuna finds them infeasible (NaN)
-                self.study.tell(trial, values, state=None if values is not None else state)
-            except (UpdateFinishedTrialError, ValueError):
-                if frozen(self.study, trial).state.is_finished():  # ended by another worker
-                    return None
-                raise
-            if run_again:  # (one lost between the two: requeue_lost_splits at the next start)
-                self.requeue(trial)
-            return frozen(self.study, trial)
+            refused = self._write({t: a for t, _, _, a, _ in ends}, {}, 0, [])
+            return [None if t.number in refused else self._tell(t, state, values, run_again)
+                    for t, state, values, _, run_again in ends]
         finally:
-            self._unhold(trial)
+            for t, *_ in ends:
+                self._unhold(t)
+
+    def _tell(self, trial: optuna.Trial, state: TrialState, values: list[float] | None,
+              run_again: bool) -> FrozenTrial | None:
+        try:  # values: COMPLETE, or FAIL when Optuna finds them infeasible (NaN)
+            told = self.study.tell(trial, values, state=None if values is not None else state)
+        except (UpdateFinishedTrialError, ValueError):
+            if frozen(self.study, trial).state.is_finished():  # ended by another worker
+                return None
+            raise
+        if run_again:  # (one lost between the two: requeue_lost_splits at the next start)
+            self.requeue(trial)
+        return told  # the trial as stored (tell reads it back)
 
     def frozen(self, trial: AnyTrial) -> FrozenTrial:
         return frozen(self.study, trial)

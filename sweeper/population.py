@@ -56,7 +56,7 @@ from sweeper.config import POPULATION_FAMILIES, Config
 from sweeper.data import Splits
 from sweeper.errors import UserError, one_line
 from sweeper.ledger import Ledger
-from sweeper.outcome import conclude
+from sweeper.outcome import conclude_all, ending
 from sweeper.tracking import BackgroundWrites, Tracker
 
 
@@ -298,23 +298,22 @@ def _train(book: Ledger, members: list[Member], cfg: Config, splits: Splits,
             if cfg.debug:
                 traceback.print_exc()
         seconds = time.perf_counter() - t0
-        if retried:  # marked before the FAIL is told, so no reader counts it as a failure
-            book.set_attrs({members[i].trial: {keys.SPLIT_AFTER_OOM: retry_cap}
-                            for i in retried})
         nets: dict[int, torch.nn.Module] = {}
         if module is not None:
             for i, m in enumerate(members):
                 if i in module.active and m.error is None:
                     nets[i] = member_net(module, i, m.spec, splits)
         save = _worth_saving(study, cfg, members, module, nets)
-        done = []
-        for i, m in enumerate(members):
-            history = module.history[i] if module is not None else []
-            # The MLflow run ends on the writer's thread, behind the member's other writes.
-            done.append(conclude(book, m.trial, cfg, splits, writes, m.run_id, m.spec.arch,
-                                 history, nets.get(i), m.pruned, m.error, seconds,
-                                 save_weights=i in save, drop_weights=False,
-                                 run_again=i in retried))
+        # All members' attributes in one write, each told after it; a member split after an
+        # out of memory is marked so before its FAIL is told (no reader counts it a failure).
+        ends = [ending(m.trial, cfg, splits, m.run_id, m.spec.arch,
+                       module.history[i] if module is not None else [], nets.get(i),
+                       m.pruned, m.error, seconds, save_weights=i in save,
+                       run_again=i in retried,
+                       attrs={keys.SPLIT_AFTER_OOM: retry_cap} if i in retried else None)
+                for i, m in enumerate(members)]
+        # The MLflow runs end on the writer's thread, behind each member's other writes.
+        done = conclude_all(book, cfg, writes, ends, drop_weights=False)
         if retried:
             module = None
             if splits.x_train.device.type == "cuda":  # the failed population's cached blocks
