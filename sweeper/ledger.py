@@ -5,9 +5,10 @@ A worker's trials. `ask` stamps each asked trial with its owner (keys.WORKER) an
 records its first heartbeat, under the study lock, in the moment it is asked. From then until
 its tell or release the trial is *held*, and the ledger's one heartbeat thread beats every
 trial this worker holds: a population's members waiting for their part are held as much as the
-part training now. `set_attrs`, `report` and `tell` write to held trials; a trial that another
-worker has ended meanwhile (taken for dead) refuses them, as Optuna's own calls do, and only
-that trial: `tell` then returns None. `release` ends a held trial that will not finish, and
+part training now. `set_attrs`, `report` and `tell` (`tell_all`: a population's ends, their
+attributes in one write) write to held trials; a trial that another worker has ended meanwhile
+(taken for dead) refuses them, as Optuna's own calls do, and only that trial: `tell` then
+returns None. `release` ends a held trial that will not finish, and
 `recover` what dead workers left: RUNNING trials (failed, their runs KILLED, their
 configurations queued again) and MLflow runs left RUNNING.
 
