@@ -87,17 +87,31 @@ def test_a_noisy_study_is_unclear_and_says_what_budget_would_tell():
     assert all(m.bound < 1.5 * size_effect.MARGIN < e.bound for m in more)
 
 
-def test_a_peak_inside_the_range_is_not_called_diminishing_returns():
+def test_a_peak_inside_the_range_is_said_in_the_headline():
     trials = study(0.0, n=40, noise=0.05)
     for t in trials:  # rises to a peak at 300k parameters, then falls
         t.metrics[VAL_ACC] -= 1.5 * (np.log10(t.n_params) - np.log10(3e5)) ** 2
     e = size_effect.estimate(trials, VAL_ACC)
-    assert e.top is not None and e.top[2] < 0
+    # The two ends alone say "bigger"; the headline must say that it stops paying.
+    assert e.ends[1] > e.ends[0] and e.verdict == "peak" and e.turn is not None
+    at, rise, fall = e.turn
+    assert 1.5e5 < at < 6e5 and rise[1] > 0 and fall[2] < 0
     text = size_effect.sentence(e, None, "")
-    assert "returns diminish" not in text
-    assert e.verdict == "bigger" and "peaks inside the range" in text
+    assert text.startswith("**Bigger networks generalized better only up to a point**")
+    assert f"to about {size_effect.params_text(at)} parameters" in text
+    assert "returns diminish" not in text and "Yes, bigger" not in text
     # A null must hold anywhere in the range, not only between its ends.
-    assert e.verdict != "null" and e.anywhere > 1
+    assert e.anywhere > 1
+
+
+def test_a_valley_inside_the_range_is_said_in_the_headline():
+    trials = study(0.0, n=40, noise=0.05)
+    for t in trials:  # falls to a trough at 200k parameters, then climbs back above the start
+        t.metrics[VAL_ACC] += 1.5 * (np.log10(t.n_params) - np.log10(2e5)) ** 2
+    e = size_effect.estimate(trials, VAL_ACC)
+    assert e.verdict == "valley"
+    assert size_effect.sentence(e, None, "").startswith("**Bigger networks first generalized "
+                                                        "worse, then better**")
 
 
 def test_diminishing_returns_are_said():
