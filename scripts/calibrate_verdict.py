@@ -37,7 +37,7 @@ def main() -> None:
                 t = calibration.run(scenario, n, effect, args.studies,
                                     resamples=args.resamples)
 
-                def share(count: int, of: int | None = None) -> str:
+                def share(count: int, of: int | None = None, t: calibration.Tally = t) -> str:
                     p, se = t.rate(count, of)
                     return "-" if p != p else f"{100 * p:5.1f}% +-{100 * se:.1f}"
 

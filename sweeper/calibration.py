@@ -10,8 +10,9 @@ Each scenario plants a size effect (0: none) in one way:
   effect, constant returns: no bend in points);
 - interaction: on the log scale, size's slope changes with dropout (the fit has no such term);
 - uneven: on the log scale, small networks far noisier than large ones;
-- pruned: like log, but a median pruner stops trials that start below the median (large
-  networks start faster), so the fit sees survivors selected on the outcome;
+- pruned: like log, 2.5x as many trials drawn, but a median pruner stops those that start
+  below the median (large networks start faster), so the fit sees survivors selected on the
+  outcome;
 - tied: the width fixed, depth drawn: size is a function of depth;
 - near-tied: the width drawn from 192-320 only, depth drawn: size mostly a function of depth.
 """
@@ -65,7 +66,7 @@ class Planted:
 def planted(scenario: str, n: int, per_decade: float, rng: np.random.Generator) -> Planted:
     """One planted study. per_decade: the size effect per tenfold, in -log10(error) units for
     the log-scale scenarios and in points for `points`."""
-    u = design(rng, 2 * n if scenario == "pruned" else n)  # pruning keeps about half
+    u = design(rng, 5 * n // 2 if scenario == "pruned" else n)  # pruning keeps about 2 in 5
     logn = LOG_N[0] + u[:, 0] * (LOG_N[1] - LOG_N[0])
     depth = 1 + np.floor(4 * u[:, 1]).astype(int)
     dropout = 0.5 * u[:, 2]
@@ -88,10 +89,10 @@ def planted(scenario: str, n: int, per_decade: float, rng: np.random.Generator) 
         acc = 100 - 10 ** -(other + slope * (logn - centre) + noise)
     keep = np.ones(len(u), dtype=bool)
     if scenario == "pruned":  # median pruning on an early score in which large nets lead
-        early = -np.log10(100 - acc) + 0.1 * (logn - centre) + NOISE * rng.normal(size=len(u))
+        early = -np.log10(100 - acc) + 0.3 * (logn - centre) + NOISE * rng.normal(size=len(u))
         for i in range(5, len(u)):
             keep[i] = early[i] >= np.median(early[:i][keep[:i]])
-    trials = [Trial(int(round(10 ** logn[i])), {"depth": int(depth[i]),
+    trials = [Trial(round(10 ** logn[i]), {"depth": int(depth[i]),
                                                 "dropout": float(dropout[i]),
                                                 "lr": float(10 ** loglr[i])},
                     {VAL_ACC: float(acc[i])}, frozenset({"lr"})) for i in np.flatnonzero(keep)]

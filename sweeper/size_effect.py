@@ -211,7 +211,8 @@ def to_scale(metric: str, points: np.ndarray) -> np.ndarray:
 
 
 def to_points(metric: str, value: np.ndarray) -> np.ndarray:
-    return 100.0 - 10.0 ** (-value) if metric in LOG_ERROR else value
+    # clipped: a wild resample's curve can reach 10^300% error on the way back
+    return 100.0 - 10.0 ** np.clip(-value, -9.0, 9.0) if metric in LOG_ERROR else value
 
 
 def _independent(x: np.ndarray, names: list[str], sources: list[str], fixed: int

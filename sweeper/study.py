@@ -129,10 +129,15 @@ def open_study(cfg: Config, splits: data.Splits,
                         f"{len(have_directions)} objective(s) ({', '.join(have_directions)}), "
                         f"not {len(want_directions)}: use another search.study_name")
     # The data by content, not path: workers on other machines may keep it elsewhere.
-    want = recipe.identity(cfg, f"{splits.source.split(':')[0]}:{splits.fingerprint()}")
+    kind = splits.source.split(":")[0]
+    want = recipe.identity(cfg, f"{kind}:{splits.fingerprint()}")
     have = study.user_attrs.get(keys.IDENTITY)
     if have is not None and "search.space" not in have:  # made by an earlier version
         have = recipe.upgrade(have, study.user_attrs.get(keys.LEGACY_CONFIG), want)
+    if have is not None and have.get("data.content") == f"{kind}:{splits.labels_fingerprint()}":
+        # Made before the fingerprint covered pixels: its labels match, which is all it kept.
+        # From now on it is known by the new one (stored below).
+        have = have | {"data.content": want["data.content"]}
     if have is None:
         if not study.trials:
             for fixed in s.enqueue:
