@@ -146,45 +146,45 @@ def _numeric(values: list[Any]) -> bool:
 def determined(trials: list[Trial], logn: np.ndarray) -> tuple[float, list[str]]:
     """How much of log size the other settings that vary fix, linearly or not: R^2 of log10
     (n_params) on a flexible function of them (few-valued settings such as depth or family as
-    one indicator per combination of values; the others as a cubic), and those settings.
-    Depth searched with the width fixed gives one size per depth: R^2 = 1, a straight line in
-    depth or not. The flexible fit keeps MIN_RESIDUAL_DF trials to spare (cubic, then squared,
-    then linear terms), so that chance alone does not come near DETERMINED."""
+    one indicator per combination of values; the others as a cubic), and which settings (one
+    alone, when one alone does it). Depth searched with the width fixed gives one size per
+    depth: R^2 = 1, a straight line in depth or not. The flexible fit keeps MIN_RESIDUAL_DF
+    trials to spare (cubic, then squared, then linear terms), so that chance alone does not
+    come near DETERMINED."""
     n = len(trials)
-    keys = sorted({k for t in trials for k in t.params})
-    few, many, names = [], [], []
-    for key in keys:
-        values = [t.params.get(key) for t in trials]
-        distinct = {repr(v) for v in values}
-        if len(distinct) < 2:
-            continue
-        names.append(key)
-        if _numeric(values) and len(distinct) > 8:
-            x = np.array(values, dtype=np.float64)
-            if x.min() > 0 and any(key in t.logs for t in trials):
-                x = np.log10(x)
-            many.append((x - x.mean()) / (x.std() or 1.0))
-        else:
-            few.append([repr(v) for v in values])
-    if not names:
-        return 0.0, []
-    cells = [repr(c) for c in zip(*few, strict=True)] if few else ["" for _ in trials]
-    levels = sorted(set(cells))
-    indicators = [np.array([c == v for c in cells], dtype=np.float64) for v in levels]
+    varying = [k for k in sorted({k for t in trials for k in t.params})
+               if len({repr(t.params.get(k)) for t in trials}) > 1]
     y = logn - logn.mean()
     total = float(y @ y)
-    if total == 0:
-        return 1.0, names
-    best = 0.0
-    for degree in (3, 2, 1, 0):
-        x = np.column_stack([*indicators, *(m ** p for m in many for p in range(1, degree + 1))])
-        rank = np.linalg.matrix_rank(x)
-        if n - rank < (MIN_RESIDUAL_DF if degree else 1):
-            continue
-        resid = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
-        best = max(0.0, 1.0 - float(resid @ resid) / total)
-        break
-    return best, names
+
+    def share(keys: list[str]) -> float:
+        few, many = [], []
+        for key in keys:
+            values = [t.params.get(key) for t in trials]
+            if _numeric(values) and len({repr(v) for v in values}) > 8:
+                x = np.array(values, dtype=np.float64)
+                if x.min() > 0 and any(key in t.logs for t in trials):
+                    x = np.log10(x)
+                many.append((x - x.mean()) / (x.std() or 1.0))
+            else:
+                few.append([repr(v) for v in values])
+        cells = [repr(c) for c in zip(*few, strict=True)] if few else ["" for _ in trials]
+        indicators = [np.array([c == v for c in cells], dtype=np.float64)
+                      for v in sorted(set(cells))]
+        for degree in (3, 2, 1, 0):
+            x = np.column_stack([*indicators, *(m ** p for m in many
+                                                for p in range(1, degree + 1))])
+            if n - np.linalg.matrix_rank(x) >= (MIN_RESIDUAL_DF if degree or many else 1):
+                resid = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+                return max(0.0, 1.0 - float(resid @ resid) / total)
+        return 0.0
+
+    if not varying or total == 0:
+        return (1.0, varying) if varying else (0.0, [])
+    whole = share(varying)
+    alone = [(share([k]), k) for k in varying] if whole >= DETERMINED else []
+    one = max(alone, default=(0.0, ""))
+    return (one[0], [one[1]]) if one[0] >= DETERMINED else (whole, varying)
 
 
 def _fits(y: np.ndarray, x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
