@@ -472,7 +472,9 @@ def assumptions(rep: Report) -> list[str]:
              + "; the effect is the fitted change from the smallest to the largest network, its "
              "interval a bootstrap over trials (2,000 resamples). The fit assumes size acts the "
              "same way whatever the other settings (no interactions)"
-             + (", in every model family" if "family" in e.held else "") + "."]
+             + (", in every model family" if "family" in e.held else "") + "; how often its "
+             "verdicts are wrong, on planted studies: docs/guide.md, `python "
+             "scripts/calibrate_verdict.py`."]
     if e.degenerate:
         lines[0] += (f" {e.degenerate} of the resamples could not be fitted (a rare setting "
                      "missing from them) and were left out.")

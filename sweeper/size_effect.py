@@ -9,7 +9,8 @@ distinct values, squared; log10 for those sampled on a log scale; categories as 
 The effect of size is the fitted size curve's rise from the smallest to the largest network:
 "with the rest held fixed, validation accuracy moves by E points", and the same over the
 largest tenfold. Its 95% interval is a percentile bootstrap over trials (pairs, 2,000
-resamples, seeded). A rank correlation cannot do this: when a sampler ties size to dropout or
+resamples, seeded), widened by Student's t over the normal at the fit's residual degrees of
+freedom (small studies). A rank correlation cannot do this: when a sampler ties size to dropout or
 learning rate, their effects show up as a size effect.
 
 Answers: bigger is better (the interval is above 0), bigger is worse (below 0), better up to a
@@ -227,9 +228,14 @@ def _independent(x: np.ndarray, names: list[str], sources: list[str], fixed: int
     return x[:, keep], [names[j] for j in cov], [sources[j] for j in cov]
 
 
-def interval(draws: np.ndarray) -> tuple[float, float]:
+def interval(draws: np.ndarray, point: Any, widen: float) -> tuple[Any, Any]:
+    """The 95% percentile interval of bootstrap draws, widened about the point estimate by
+    `widen` (Student's t over the normal at the fit's residual degrees of freedom: with 16
+    to spare, 1.08; unwidened, the bootstrap covered a planted effect under uneven noise in
+    only 90.5% of 200 planted studies, sweeper/calibration.py). Elementwise for arrays."""
     low, high = np.percentile(draws, [2.5, 97.5], axis=0)
-    return float(low), float(high)
+    low, high = point - widen * (point - low), point + widen * (high - point)
+    return (float(low), float(high)) if np.ndim(low) == 0 else (low, high)
 
 
 def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
@@ -281,6 +287,9 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
         return effect
     beta = full[0]
     effect.degenerate = resamples - len(draws)  # left out of the percentiles
+    from scipy.stats import t as student
+
+    widen = float(student.ppf(0.975, n - x.shape[1])) / 1.959964
     effect.curved = curved
     means = cov.mean(axis=0)
 
@@ -297,24 +306,25 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
     lo_n, hi_n = float(logn.min()), float(logn.max())
     whole = acc(draws, hi_n) - acc(draws, lo_n)
     effect.estimate = float(acc(beta, hi_n) - acc(beta, lo_n))
-    effect.low, effect.high = interval(whole)
+    effect.low, effect.high = interval(whole, effect.estimate, widen)
     effect.se = (effect.high - effect.low) / (2 * 1.96)  # a few wild resamples cannot inflate it
     effect.ends = (float(acc(beta, lo_n)), float(acc(beta, hi_n)))
     # A bound on the change anywhere in the range, not only between its ends (a curve can
     # rise and fall back): the widest 95% band of the change from the smallest network.
     grid = np.linspace(lo_n, hi_n, 41)
-    band = np.percentile(acc(draws, grid) - acc(draws, lo_n)[:, None], [2.5, 97.5], axis=0)
-    effect.anywhere = float(np.abs(band).max())
+    line = acc(beta, grid)
+    band = interval(acc(draws, grid) - acc(draws, lo_n)[:, None], line - line[0], widen)
+    effect.anywhere = float(np.abs(np.array(band)).max())
     decades = hi_n - lo_n
     if curved:
         # A turn inside the range: the fitted curve's highest (lowest) point, with a change
         # to it and a change after it that are both clear of 0.
-        line = acc(beta, grid)
         for turn, sign in ((int(np.argmax(line)), 1), (int(np.argmin(line)), -1)):
             if 0 < turn < len(grid) - 1:
                 to = acc(draws, grid[turn]) - acc(draws, lo_n)
                 after = acc(draws, hi_n) - acc(draws, grid[turn])
-                (to_lo, to_hi), (af_lo, af_hi) = interval(to), interval(after)
+                (to_lo, to_hi) = interval(to, line[turn] - line[0], widen)
+                (af_lo, af_hi) = interval(after, line[-1] - line[turn], widen)
                 if (sign > 0 and to_lo > 0 and af_hi < 0) or (sign < 0 and to_hi < 0
                                                               and af_lo > 0):
                     effect.verdict = "peak" if sign > 0 else "valley"
@@ -323,15 +333,17 @@ def estimate(trials: list[Trial], metric: str, margin: float = MARGIN,
                                    (float(line[-1] - line[turn]), af_lo, af_hi))
         if decades > 1.2:  # the largest tenfold against the average tenfold
             top = acc(draws, hi_n) - acc(draws, hi_n - 1)
-            effect.top = (float(acc(beta, hi_n) - acc(beta, hi_n - 1)), *interval(top))
-            effect.diminishing = bool(np.percentile(top - whole / decades, 97.5) < 0)
+            t_point = float(acc(beta, hi_n) - acc(beta, hi_n - 1))
+            effect.top = (t_point, *interval(top, t_point, widen))
+            shortfall = t_point - effect.estimate / decades  # below the average tenfold
+            effect.diminishing = interval(top - whole / decades, shortfall, widen)[1] < 0
     effect.covariates, effect.held = tuple(names), tuple(dict.fromkeys(sources))
     if "depth" in names:  # one more layer at equal size, at the trials' mean log size and
         # the other settings' means
         j = 1 + k + names.index("depth")
         per_layer = acc(draws, center, draws[:, j]) - acc(draws, center)
-        effect.depth = (float(acc(beta, center, beta[j]) - acc(beta, center)),
-                        *interval(per_layer))
+        d_point = float(acc(beta, center, beta[j]) - acc(beta, center))
+        effect.depth = (d_point, *interval(per_layer, d_point, widen))
     # Partial residuals: each trial's value with the covariates moved to their means.
     effect.adjusted = to_points(metric, y - (cov - means) @ beta[1 + k:]).tolist()
     effect.sizes = [int(v) for v in sizes]
