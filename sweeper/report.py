@@ -430,7 +430,7 @@ def partial_effect(plt: Any, path: Path, rep: Report) -> str:
                 label=f"fit: {e.estimate:+.2f} points [{e.low:+.2f}, {e.high:+.2f}]")
         ax.set_xscale("log")
         ax.set(xlabel="n_params", ylabel=f"{label}, % (adjusted)",
-               title=f"{label}: {e.verdict}")
+               title=f"{label}: {'descriptive' if e.design else e.verdict}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     held = rep.effect_val.held if rep.effect_val is not None else ()
