@@ -452,7 +452,8 @@ def effects_table(rep: Report) -> list[str]:
             continue
         lines.append(f"| {e.metric} | {e.estimate:+.2f} ({size_effect.params_text(e.smallest)}"
                      f" to {size_effect.params_text(e.largest)}) | {e.low:+.2f} to "
-                     f"{e.high:+.2f} | {'descriptive' if e.design else e.verdict} | {e.n} | "
+                     f"{e.high:+.2f} | {'descriptive' if e.design else e.verdict}"
+                     f"{' (mixes in underfitting)' if e.underfit else ''} | {e.n} | "
                      f"{', '.join(e.covariates) or '-'} |")
     e = rep.effect_val
     if e is not None and e.depth is not None:
@@ -470,7 +471,8 @@ def assumptions(rep: Report) -> list[str]:
              + (" and its square" if e.curve[2] else "")
              + (f" with {', '.join(e.covariates)} as covariates" if e.covariates else "")
              + "; the effect is the fitted change from the smallest to the largest network, its "
-             "interval a bootstrap over trials (2,000 resamples). The fit assumes size acts the "
+             "interval a bootstrap over trials (2,000 resamples, widened by Student's t at the "
+             "fit's residual degrees of freedom). The fit assumes size acts the "
              "same way whatever the other settings (no interactions)"
              + (", in every model family" if "family" in e.held else "") + "; how often its "
              "verdicts are wrong, on planted studies: docs/guide.md, `python "
