@@ -58,8 +58,7 @@ def conclude(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: Spli
         study.tell(trial, state=TrialState.PRUNED)
         state = "PRUNED"
     else:
-        values = objectives.values(cfg, history, summary[BEST_VAL_ACC],
-                                   trial.user_attrs.get(keys.N_PARAMS, 0))
+        values = objectives.values(cfg, history, trial.user_attrs.get(keys.N_PARAMS, 0))
         # Weights first, so a kept trial always has its file; then drop those out of the top k.
         assert net is not None and arch is not None
         path = checkpoints.path_of(cfg, trial.number)
