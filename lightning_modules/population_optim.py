@@ -56,13 +56,13 @@ def compiled(kind: str, device: torch.device) -> Update | None:
         fn = torch.compile(_adam if kind == "adam" else _sgd, dynamic=True)
         # [2, 3], not 1s: dynamic shapes specialise sizes 0 and 1, the probe's graph is reused.
         t = [torch.rand(2, 3, device=device) for _ in range(4)]
-        col = torch.rand(2, 1, device=device)
+        c = [torch.rand(2, 1, device=device) for _ in range(3)]  # distinct: no alias guards
         try:
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 if kind == "adam":
-                    fn(*t, col, col, col, torch.ones((), device=device), 0.9, 0.999, 1e-8)
+                    fn(*t, *c, torch.ones((), device=device), 0.9, 0.999, 1e-8)
                 else:
-                    fn(*t[:3], col, col, 0.9)
+                    fn(*t[:3], *c[:2], 0.9)
             _COMPILED[key] = fn
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -142,7 +142,7 @@ class StackedOptimizer:
                 g, p.grad = p.grad, None
                 n = p.shape[0]
                 # Views: the update writes parameter and state in place.
-                self._update(p.view(n, -1), g.reshape(n, -1), *(s.view(n, -1) for s in st),
+                self._update(p.detach().view(n, -1), g.reshape(n, -1), *(s.view(n, -1) for s in st),
                              *scalars)
 
     @staticmethod
