@@ -24,7 +24,8 @@ fused one (lightning_modules/population_optim.py), side by side: per size, `--ro
 each training one population of that size (members differing by seed) with each update in
 turn (the order alternating), fit_population only (no Optuna or MLflow). Prints the seconds
 per epoch in training steps (forward, backward, update; evaluation not counted) of every
-round, their medians and the ratio, and whether both updates learned the same (val acc):
+round, the medians of those and of the update's share, their ratios, and whether both updates
+learned the same (val acc):
 
     python scripts/bench_population.py --family mlp --compare-update --population 64 \
         --epochs 1 --train-size 2560 --val-size 1000 --rounds 3
@@ -50,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_modules.metrics import VAL_ACC
 from lightning_modules.models import build_model
 from lightning_modules.population import PopulationClassifier
-from lightning_modules.population_optim import compiled
+from lightning_modules.population_optim import StackedOptimizer, compiled
 from sweeper import data, population, tracking, training
 from sweeper.config import Config, DataConfig, ParamSpec
 from sweeper.study import run_study
@@ -224,46 +225,52 @@ def compare_update(family: str, epochs: int, sizes: list[int], rounds: int,
           "(less when Inductor's disk cache already holds it)", flush=True)
     if fn is None:
         return
-    step_s = {"s": 0.0}
-    real_step = PopulationClassifier.training_step
+    spent = {"step": 0.0, "update": 0.0}  # seconds in training steps, and the update's part
 
-    def timed_step(self, batch, batch_idx):
-        t = time.perf_counter()
-        real_step(self, batch, batch_idx)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_s["s"] += time.perf_counter() - t
+    def timed(f, key):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            f(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            spent[key] += time.perf_counter() - t
+        return wrapper
 
-    PopulationClassifier.training_step = timed_step  # type: ignore[method-assign]
+    real = PopulationClassifier.training_step, StackedOptimizer.step
+    PopulationClassifier.training_step = timed(real[0], "step")  # type: ignore[method-assign]
+    StackedOptimizer.step = timed(real[1], "update")  # type: ignore[method-assign]
     steps = epochs * -(-len(splits.y_train) // spec.batch_size)
     print(f"\n{family}: {epochs} epoch(s), {steps} steps of {spec.batch_size}, "
           f"{splits.describe()}, {device}")
-    print("| members | update | s/epoch (training steps), each round | median | "
-          "val acc % (mean) | unfused / fused |")
-    print("| --- " * 6 + "|", flush=True)
+    print("| members | update | s/epoch in training steps, each round | median | "
+          "of which the update, median | val acc % (mean) | unfused / fused: steps, update |")
+    print("| --- " * 7 + "|", flush=True)
     for size in sizes:
         specs = [dataclasses.replace(spec, seed=i) for i in range(size)]
         times: dict[bool, list[float]] = {False: [], True: []}
+        updates: dict[bool, list[float]] = {False: [], True: []}
         accs: dict[bool, float] = {}
         for r in range(rounds):
             for fused in (False, True) if r % 2 == 0 else (True, False):
                 module = population.build_population(specs, splits)
                 module.fused = fused
-                step_s["s"] = 0.0
+                spent["step"] = spent["update"] = 0.0
                 with contextlib.redirect_stdout(io.StringIO()):
                     population.fit_population(module, specs, splits, lambda e, m: set())
                 assert module.opt is not None and module.opt.fused == fused
-                times[fused].append(step_s["s"] / epochs)
+                times[fused].append(spent["step"] / epochs)
+                updates[fused].append(spent["update"] / epochs)
                 accs[fused] = statistics.fmean(h[-1][VAL_ACC] for h in module.history)
                 del module
                 gc.collect()
         med = {f: statistics.median(t) for f, t in times.items()}
+        upd = {f: statistics.median(t) for f, t in updates.items()}
         for fused in (False, True):
-            ratio = f"{med[False] / med[True]:.2f}x" if fused else ""
+            ratio = f"{med[False] / med[True]:.2f}x, {upd[False] / upd[True]:.2f}x" if fused else ""
             each = ", ".join(f"{t:.2f}" for t in times[fused])
             print(f"| {size} | {'fused' if fused else 'unfused'} | {each} | {med[fused]:.2f} | "
-                  f"{100 * accs[fused]:.2f} | {ratio} |", flush=True)
-    PopulationClassifier.training_step = real_step  # type: ignore[method-assign]
+                  f"{upd[fused]:.2f} | {100 * accs[fused]:.2f} | {ratio} |", flush=True)
+    PopulationClassifier.training_step, StackedOptimizer.step = real  # type: ignore[method-assign]
 
 
 def main() -> None:
