@@ -10,7 +10,8 @@ That is what fills a GPU that one small network leaves idle.
 
 On CPU an MLP member reproduces the solo trial (`Classifier` + `MLP`, same seed) op for op: the
 same initial weights, batch order, dropout masks (its own generator, continuing from the state
-the solo run has after building its net), augmentation draws and Adam/SGD arithmetic. A CNN
+the solo run has after building its net), augmentation draws and Adam/SGD arithmetic (to float
+rounding where the population is large enough for the fused update, population_optim.py). A CNN
 member does too except for the convolution kernels (grouped vs single), which round
 differently: its metrics agree with the solo trial's to ~1e-3 after an epoch, not bit for bit.
 On GPU the dropout masks come from one batched draw (one kernel instead of N), so members are

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# Fused from this many stacked parameters (members x parameters each). Below it an unfused
-# step costs under ~30 ms on a 2-core CPU, so a compile (~3 s from Inductor's disk cache, ~25 s
-# cold) would take hundreds of steps to pay off (docs/scale-out.md).
+# Fused from this many stacked parameters (members x parameters each). Below it an unfused Adam
+# step costs under ~35 ms on a busy 2-core CPU, so a compile (~4 s from Inductor's disk cache,
+# ~25 s cold) would take hundreds of steps to pay off (docs/scale-out.md).
 FUSED_MIN_NUMEL = 1_000_000
 
 
