@@ -72,8 +72,8 @@ def test_fused_update_is_the_per_member_arithmetic(name, schedule):
 
 
 def test_a_fused_population_trains_as_an_unfused_one(monkeypatch):
-    """Through Lightning: the size decides (here the threshold is lowered to make a small
-    population fused), a member stopped after epoch 1, bf16-free float32 training."""
+    """Through Lightning, with a member stopped after epoch 1: the same metrics and weights.
+    The population's size picks the update (the threshold lowered here to fuse a small one)."""
     splits = data.make_splits(data.load(DataConfig(name="mnist_sample")), 500, 0,
                               torch.device("cpu"), train_size=768)
     base = training.TrialSpec(arch=Architecture("mlp", (32,), 0.1), optimizer="adamw",
@@ -82,7 +82,10 @@ def test_a_fused_population_trains_as_an_unfused_one(monkeypatch):
                               max_epochs=2, seed=3)
     specs = [dataclasses.replace(base, seed=3 + i, lr=3e-3 * (i + 1),
                                  weight_decay=[1e-2, 0.0, 0.1][i]) for i in range(3)]
-    stop_after_1 = lambda epoch, m: {1} if epoch == 1 else set()  # noqa: E731
+
+    def stop_after_1(epoch: int, metrics: dict) -> set[int]:
+        return {1} if epoch == 1 else set()
+
     unfused = population.build_population(specs, splits)
     population.fit_population(unfused, specs, splits, stop_after_1)
     monkeypatch.setattr(population_optim, "FUSED_MIN_NUMEL", 0)
