@@ -55,6 +55,7 @@ def test_front_is_pareto_optimal_and_keeps_its_weights(front_study):
     assert kept == numbers
 
 
+@pytest.mark.slow
 def test_table_shows_the_front_and_export_needs_a_point_of_it(front_study, capsys):
     cfg, study, tmp = front_study
     out = console.best_table(study)
