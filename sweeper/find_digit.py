@@ -104,12 +104,13 @@ def horizontal_lines(mask: np.ndarray) -> tuple[np.ndarray, float]:
 
     h, w = mask.shape
     p = max(1, round(max(h, w) / LINE_SIDE))
-    pooled = (cv2.resize(mask, (-(-w // p), -(-h // p)), interpolation=cv2.INTER_AREA) > 0
-              if p > 1 else mask > 0).astype(np.uint8)
+    small = cv2.resize(mask, (-(-w // p), -(-h // p)), interpolation=cv2.INTER_AREA) \
+        if p > 1 else mask
+    pooled: np.ndarray = (small > 0).astype(np.uint8)
     # Bridge small gaps (a line fainter in places).
     pooled = cv2.morphologyEx(pooled, cv2.MORPH_CLOSE, np.ones((1, 3), np.uint8))
     width = pooled.shape[1]
-    runs = np.zeros_like(pooled)
+    runs: np.ndarray = np.zeros_like(pooled)
     for degrees in LINE_TILTS:
         runs |= cv2.morphologyEx(pooled, cv2.MORPH_OPEN, line_kernel(max(3, width // 4), degrees))
     _, labels, stats, _ = cv2.connectedComponentsWithStats(runs, connectivity=8)
@@ -119,7 +120,7 @@ def horizontal_lines(mask: np.ndarray) -> tuple[np.ndarray, float]:
     keep = long & ((spans >= 0.95 * width) | (long.sum() >= 2))
     if not keep.any():
         return np.zeros_like(mask), 0.0
-    region = np.isin(labels, 1 + np.flatnonzero(keep)).astype(np.uint8)
+    region: np.ndarray = np.isin(labels, 1 + np.flatnonzero(keep)).astype(np.uint8)
     if p > 1:
         region = cv2.resize(region, (w, h), interpolation=cv2.INTER_NEAREST)
     region = cv2.dilate(region, np.ones((3, 3), np.uint8))
@@ -138,7 +139,7 @@ def remove_lines(mask: np.ndarray, loose: np.ndarray) -> tuple[np.ndarray, np.nd
         region, thickness = horizontal_lines(np.ascontiguousarray(lo))
         if thickness:
             across = np.ones((math.ceil(thickness) + 2, 1), np.uint8)
-            thicker = cv2.morphologyEx(np.ascontiguousarray(m), cv2.MORPH_OPEN, across)
+            thicker: np.ndarray = cv2.morphologyEx(np.ascontiguousarray(m), cv2.MORPH_OPEN, across)
             found = region & lo & ~thicker & 1
             lines |= found if axis == 0 else found.T
     return mask & ~lines & 1, lines

@@ -55,13 +55,12 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
                                 "size: it is shrunk while decoding); scale it down first")
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale
                 grey = np.asarray(im, dtype=np.float32)
-                top = 65535.0 if im.mode.startswith("I;16") or grey.max() <= 65535 else grey.max()
-                grey = np.clip(grey / top, 0, 1)
-                return shrink(grey, WORK_SIDE), frames
+                top = 65535 if im.mode.startswith("I;16") or grey.max() <= 65535 else grey.max()
+                return shrink(np.clip(grey / np.float32(top), 0, 1), WORK_SIDE), frames
             clear = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
-            im = im.convert("RGBA" if clear else "L")
-            im.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
-            pixels = np.asarray(im, dtype=np.float32) / 255
+            small = im.convert("RGBA" if clear else "L")
+            small.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
+            pixels = np.asarray(small, dtype=np.float32) / 255
     except FileNotFoundError:
         raise UserError("file not found") from None
     except Image.DecompressionBombError as e:
@@ -73,8 +72,8 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
     alpha = pixels[..., 3]
     if alpha.min() < 0.5 * alpha.max():  # transparent background: ink = opacity
         return 1.0 - alpha, frames  # dark strokes on white paper, as if drawn in black
-    grey = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)  # as PIL's "L"
-    return grey * alpha + (1.0 - alpha), frames  # partly transparent pixels over white paper
+    luma = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)  # as PIL's "L"
+    return luma * alpha + (1.0 - alpha), frames  # partly transparent pixels over white paper
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -99,7 +99,8 @@ def render(digit: np.ndarray, s: Photo, rng: np.random.Generator) -> np.ndarray:
     # Multiplicative layers (what each lets through), as pen and print on paper.
     rows, cols = np.nonzero(digit > 0)
     box = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    scale = rng.uniform(*s.height) * h / box.shape[0]
+    margin = round(0.08 * min(w, h))  # a tilted phone must not cut the digit off
+    scale = min(rng.uniform(*s.height) * h / box.shape[0], (w - 2 * margin) / box.shape[1])
     dw, dh = max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale))
     ink = np.clip(cv2.resize(box.astype(np.float32) / 255, (dw, dh),
                              interpolation=cv2.INTER_CUBIC), 0, 1)
@@ -109,34 +110,35 @@ def render(digit: np.ndarray, s: Photo, rng: np.random.Generator) -> np.ndarray:
         colour = np.array(RULED_BLUE if s.lines == "ruled" else GRID_GREY, np.float32)
         cover = _lines((h, w), spacing, True, s.lines == "squared", rng) * s.line_strength
         page *= 1 - cover[..., None] * (1 - colour)
-    margin = round(0.08 * min(w, h))  # a tilted phone must not cut the digit off
     y0 = int(rng.integers(0, max(1, h - dh - 2 * margin + 1))) + min(margin, (h - dh) // 2)
     x0 = int(rng.integers(0, max(1, w - dw - 2 * margin + 1))) + min(margin, (w - dw) // 2)
     region = page[y0:y0 + dh, x0:x0 + dw]
     region *= 1 - ink[..., None] * (1 - np.array(s.pen, np.float32))
-    for _ in range(s.specks):
-        dot = np.zeros((h, w), np.float32)
-        centre = (int(rng.integers(0, w * 16)), int(rng.integers(0, h * 16)))
-        cv2.circle(dot, centre, int(rng.uniform(0.5, 1.0) * 16), 1.0, -1, cv2.LINE_AA, 4)
-        page *= 1 - dot[..., None] * rng.uniform(0.5, 0.9)
+    if s.specks:
+        dots = np.zeros((h, w), np.float32)
+        for _ in range(s.specks):
+            centre = (int(rng.integers(0, w * 16)), int(rng.integers(0, h * 16)))
+            cv2.circle(dots, centre, int(rng.uniform(0.5, 1.0) * 16), rng.uniform(0.5, 0.9), -1,
+                       cv2.LINE_AA, 4)
+        page *= 1 - dots[..., None]
     if s.perspective:
-        corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+        corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
         moved = corners + rng.uniform(-1, 1, (4, 2)).astype(np.float32) * s.perspective * [w, h]
         warp = cv2.getPerspectiveTransform(corners, moved.astype(np.float32))
         page = cv2.warpPerspective(page, warp, (w, h), flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_REFLECT)
+    xs = (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]  # -0.5 .. 0.5 across
+    ys = (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]
     light = np.ones((h, w), np.float32)
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     if s.shadow:  # a soft-edged shadow from one side, in a random direction
         angle = rng.uniform(0, 2 * np.pi)
-        along = (xs / w - 0.5) * np.cos(angle) + (ys / h - 0.5) * np.sin(angle)
-        edge = rng.uniform(-0.2, 0.2)
-        light *= 1 - s.shadow / (1 + np.exp(-(along - edge) / rng.uniform(0.05, 0.15)))
+        along = xs * np.float32(np.cos(angle)) + ys * np.float32(np.sin(angle))
+        edge, soft = np.float32(rng.uniform(-0.2, 0.2)), np.float32(rng.uniform(0.05, 0.15))
+        light *= 1 - np.float32(s.shadow) / (1 + np.exp(-(along - edge) / soft))
     if s.vignette:
-        r2 = ((xs / w - 0.5) ** 2 + (ys / h - 0.5) ** 2) / 0.5
-        light *= 1 - s.vignette * r2
+        light *= 1 - np.float32(s.vignette) * (xs ** 2 + ys ** 2) / np.float32(0.5)
     page *= light[..., None]
-    page += rng.normal(0, s.noise, page.shape).astype(np.float32)
+    page += rng.standard_normal(page.shape, dtype=np.float32) * np.float32(s.noise)
     return (np.clip(page, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -148,7 +150,7 @@ def encode(rgb: np.ndarray, s: Photo) -> bytes:
     if s.jpeg:
         Image.fromarray(rgb).save(buf, format="JPEG", quality=s.jpeg)
     else:
-        Image.fromarray(rgb).save(buf, format="PNG")
+        Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)  # quick to write
     return buf.getvalue()
 
 
