@@ -53,10 +53,10 @@ def shrink(grey: np.ndarray, side: int) -> np.ndarray:
 
 def dark_on_light(grey: np.ndarray) -> np.ndarray:
     """Ink made dark on a light page, whatever the image's polarity: the background is the
-    border's median, ink what differs from it in whichever direction the image has room (by
-    contrast, not by absolute level: a mid-grey digit on a grey page still counts)."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    background = float(np.median(border))
+    image's median (most of a page is paper, even where the photo shows the table around it),
+    ink what differs from it in whichever direction the image has room (by contrast, not by
+    absolute level: a mid-grey digit on a grey page still counts)."""
+    background = float(np.median(grey[::2, ::2]))
     darker, lighter = background - float(grey.min()), float(grey.max()) - background
     if max(darker, lighter) < BLANK:
         raise UserError("blank image: no ink found (nothing differs from the background)")
@@ -80,6 +80,9 @@ def paper(grey: np.ndarray) -> np.ndarray:
     # Smoothed a little (its plateaus), replicating the border: a reflected one would raise the
     # paper's level at the edges of a vignetted photo.
     bg = cv2.GaussianBlur(bg, (0, 0), 1.0, borderType=cv2.BORDER_REPLICATE)
+    # Then the darker side of a sharp edge (the table beside a photographed page) kept dark:
+    # smoothing and scaling would smear the page's brightness onto it, and it would read as ink.
+    bg = cv2.erode(bg, np.ones((5, 5), np.uint8), borderType=cv2.BORDER_REPLICATE)
     return cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR) if f > 1 else bg
 
 
@@ -154,7 +157,11 @@ def pick_digit(mask: np.ndarray) -> np.ndarray:
     x, y, w, h, area = (stats[1:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP,
                                               cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT,
                                               cv2.CC_STAT_AREA))
-    shaped = (h >= 5) & (3 * h >= w)
+    rows, cols = mask.shape
+    # The table or the page's edge around a photographed page: a mark along three sides.
+    sides = ((x == 0).astype(int) + (y == 0) + (x + w == cols) + (y + h == rows))
+    frame = (sides >= 3) & (w >= 0.9 * cols) & (h >= 0.9 * rows)
+    shaped = (h >= 5) & (3 * h >= w) & ~frame
     if not shaped.any():
         raise NoDigit("no digit found (only specks or lines after cleaning)", mask)
     main = int(np.argmax(np.where(shaped, area, -1)))

@@ -1,6 +1,7 @@
 """Synthetic phone photos of a digit, to test and benchmark `sweeper.predict` on what a camera
 gives: a 28x28 MNIST-style digit (white on black) written in pen on notebook paper, then
-photographed with uneven light, dust, a tilted phone and JPEG compression.
+photographed with uneven light, dust, a tilted phone, the table around the page and JPEG
+compression.
 
 Each condition of issue 33 comes at three strengths (CONDITIONS); `mixture` draws all of them
 at once at random strengths. `render(digit, settings, rng)` returns RGB uint8, `encode` the
@@ -32,6 +33,7 @@ class Photo:
     shadow: float = 0.0  # the shadowed side is this much darker (soft edge, random direction)
     specks: int = 0  # dust specks of 1-2 px
     perspective: float = 0.0  # each corner moved by up to this fraction of the side
+    table: float = 0.0  # the page drawn this much smaller (per side), a dark table around it
     vignette: float = 0.0  # corners this much darker
     jpeg: int = 0  # JPEG quality (0: PNG)
     noise: float = 0.01  # sensor noise (standard deviation)
@@ -48,9 +50,43 @@ CONDITIONS: dict[str, list[Photo]] = {
     "pen": [replace(BASE, pen=p) for p in (BLUE_PEN, (0.30, 0.40, 0.80), PENCIL)],
     "perspective": [replace(BASE, perspective=p) for p in (0.03, 0.06, 0.10)],
     "vignette": [replace(BASE, vignette=v) for v in (0.2, 0.35, 0.5)],
+    "table": [replace(BASE, table=t, perspective=0.03) for t in (0.04, 0.08, 0.12)],
     "jpeg": [replace(BASE, jpeg=q) for q in (80, 50, 25)],
     "mixture": [Photo()],  # drawn at random per photo by mixture()
 }
+
+
+def _arc(cx: float, cy: float, ax: float, ay: float, start: float = 0, end: float = 360,
+         ) -> list[tuple[int, int]]:
+    t = np.radians(np.linspace(start, end, 25))
+    return [(round(cx + ax * np.cos(a)), round(cy + ay * np.sin(a))) for a in t]
+
+
+# Digits drawn as pen strokes (x, y on a 100x150 canvas), not taken from MNIST: for tests and
+# examples that may be shown or committed.
+STROKES = {
+    0: [_arc(50, 75, 34, 62)],
+    1: [[(30, 35), (60, 10), (58, 140)]],
+    2: [[(15, 40), (35, 12), (70, 12), (85, 40), (70, 75), (15, 135), (88, 135)]],
+    3: [[(15, 20), (75, 15), (45, 65), (80, 90), (75, 125), (45, 138), (12, 125)]],
+    4: [[(60, 10), (15, 90), (85, 90)], [(62, 40), (62, 130)]],
+    5: [[(78, 12), (32, 12)],  # the top bar apart from the rest, as many people write it
+        [(30, 24), (26, 62), (55, 55), (80, 75), (78, 110), (50, 130), (20, 115)]],
+    6: [[(72, 12), (35, 50), (20, 100)], _arc(50, 105, 30, 30)],
+    7: [[(15, 15), (85, 15), (40, 130)], [(35, 72), (75, 72)]],  # with a cross stroke
+    8: [_arc(50, 42, 27, 30), _arc(50, 105, 33, 33)],
+    9: [_arc(48, 45, 30, 30), [(78, 45), (72, 138)]],
+}
+
+
+def drawn(digit: int) -> np.ndarray:
+    """A digit drawn in strokes, white on black, uint8 [150, 100]."""
+    import cv2
+
+    canvas = np.zeros((150, 100), np.uint8)
+    for stroke in STROKES[digit]:
+        cv2.polylines(canvas, [np.array(stroke, np.int32)], False, 255, 14, cv2.LINE_AA)
+    return canvas
 
 
 def mixture(rng: np.random.Generator) -> Photo:
@@ -62,6 +98,7 @@ def mixture(rng: np.random.Generator) -> Photo:
                  line_strength=float(rng.uniform(0.3, 0.8)),
                  shadow=float(rng.uniform(0, 0.4)), specks=int(rng.integers(0, 25)),
                  perspective=float(rng.uniform(0, 0.06)), vignette=float(rng.uniform(0, 0.35)),
+                 table=float(rng.uniform(0, 0.1)) * (rng.random() < 0.5),
                  jpeg=int(rng.integers(40, 90)), noise=float(rng.uniform(0.005, 0.02)))
 
 
@@ -121,12 +158,20 @@ def render(digit: np.ndarray, s: Photo, rng: np.random.Generator) -> np.ndarray:
             cv2.circle(dots, centre, int(rng.uniform(0.5, 1.0) * 16), rng.uniform(0.5, 0.9), -1,
                        cv2.LINE_AA, 4)
         page *= 1 - dots[..., None]
-    if s.perspective:
+    if s.perspective or s.table:
         corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
-        moved = corners + rng.uniform(-1, 1, (4, 2)).astype(np.float32) * s.perspective * [w, h]
+        inward = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], np.float32) * s.table * [w, h]
+        moved = corners + inward + rng.uniform(-1, 1, (4, 2)).astype(np.float32) * (
+            s.perspective * np.array([w, h], np.float32))
         warp = cv2.getPerspectiveTransform(corners, moved.astype(np.float32))
-        page = cv2.warpPerspective(page, warp, (w, h), flags=cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_REFLECT)
+        if s.table:  # the page lies on a dark table that fills the rest of the photo
+            table = np.ones((h, w, 3), np.float32) * rng.uniform(0.15, 0.45) * np.array(
+                [1.0, 0.85, 0.7], np.float32)
+            page = cv2.warpPerspective(page, warp, (w, h), dst=table, flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_TRANSPARENT)
+        else:
+            page = cv2.warpPerspective(page, warp, (w, h), flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_REFLECT)
     xs = (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]  # -0.5 .. 0.5 across
     ys = (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]
     light = np.ones((h, w), np.float32)

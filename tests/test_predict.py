@@ -10,6 +10,7 @@ from PIL import Image
 from sweeper import data, predict
 from sweeper.config import DataConfig
 from sweeper.errors import UserError
+from sweeper.synthetic_photos import drawn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,21 +107,7 @@ def test_predict_cli_reports_each_file(tmp_path, digit, capsys, monkeypatch, fix
 
 # --- Photos (issue 33): the digit found on notebook paper, under a shadow, among specks -------
 
-STROKES = {  # digits drawn as pen strokes (x, y on a 100x150 canvas), not taken from MNIST
-    4: [[(60, 10), (15, 90), (85, 90)], [(62, 40), (62, 130)]],
-    5: [[(78, 12), (32, 12)],  # the top bar apart from the rest, as many people write it
-        [(30, 24), (26, 62), (55, 55), (80, 75), (78, 110), (50, 130), (20, 115)]],
-    7: [[(15, 15), (85, 15), (40, 130)], [(35, 72), (75, 72)]],  # with a cross stroke
-}
-
-
-def drawn(digit: int) -> np.ndarray:
-    import cv2
-
-    canvas = np.zeros((150, 100), np.uint8)
-    for stroke in STROKES[digit]:
-        cv2.polylines(canvas, [np.array(stroke, np.int32)], False, 255, 14, cv2.LINE_AA)
-    return canvas
+STROKES = (4, 5, 7)  # digits drawn as pen strokes (synthetic_photos.drawn), not from MNIST
 
 
 def photographed(digit: np.ndarray, settings, seed: int, tmp_path) -> Path:
