@@ -5,9 +5,9 @@
    shadow or vignetting leaves the paper white;
 2. ink by local contrast: how much darker a pixel is than the paper around it;
 3. ruled or squared lines removed: long thin near-horizontal/vertical structures (openings
-   with line-shaped kernels at small tilts), the digit's strokes mended where lines crossed;
+   with line-shaped kernels at small tilts); a stroke crossing a line stays whole;
 4. specks dropped and the digit's connected component(s) kept: the largest digit-shaped mark,
-   with the nearby strokes of the same digit (a 5's top bar, a 7's cross stroke).
+   with the nearby strokes of the same digit (a 5's top bar written apart).
 
 `find_digit` returns the digit's ink, white on black, cropped to it; MNIST's framing is
 sweeper.predict's. An image with no digit-like mark, or with several digit-sized marks side by
@@ -24,10 +24,11 @@ from sweeper.errors import UserError
 
 WORK_SIDE = 1024  # longest side the digit is looked for at (a 12 MP photo is shrunk to this)
 BLANK = 0.03  # below this contrast (of the full scale) an image holds no ink
+MIN_INK = 0.25  # a digit's strokes are on average this much darker than the paper around them
 PAPER_SIDE = 96  # the paper's brightness is estimated on an image this small (short side)
 LINE_SIDE = 256  # lines are looked for at this resolution (long side)
 LINE_LENGTH = 0.85  # a line spans at least this fraction of the image's width (or height)
-LINE_TILTS = (-4, -3, -2, -1, 0, 1, 2, 3, 4)  # degrees: a phone held slightly askew
+LINE_TILTS = tuple(range(-6, 7))  # degrees: a phone held slightly askew
 MERGE_GAP = 0.2  # strokes this close (a fraction of the digit's height) belong to the digit
 RIVAL = 0.5  # another mark at least this tall (relative) and a quarter as inky: two digits
 
@@ -148,20 +149,23 @@ def remove_lines(mask: np.ndarray, loose: np.ndarray) -> tuple[np.ndarray, np.nd
     return mask & ~lines & 1, lines
 
 
-def pick_digit(mask: np.ndarray) -> np.ndarray:
+def pick_digit(mask: np.ndarray, ink: np.ndarray, faint: float) -> np.ndarray:
     """Labels of the digit's connected components in `mask`: the largest digit-shaped mark (at
-    least a third as tall as wide) with the strokes close to it; NoDigit for none or several."""
+    least a third as tall as wide, on average darker than `faint`) with the strokes close to
+    it; NoDigit for none or several."""
     import cv2
 
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     x, y, w, h, area = (stats[1:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP,
                                               cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT,
                                               cv2.CC_STAT_AREA))
-    rows, cols = mask.shape
-    # The table or the page's edge around a photographed page: a mark along three sides.
-    sides = ((x == 0).astype(int) + (y == 0) + (x + w == cols) + (y + h == rows))
-    frame = (sides >= 3) & (w >= 0.9 * cols) & (h >= 0.9 * rows)
-    shaped = (h >= 5) & (3 * h >= w) & ~frame
+    darkness = np.bincount(labels.ravel(), ink.ravel(), n)[1:] / np.maximum(area, 1)
+    # The table around a photographed page, or the page's edge: a mark lying along a side of
+    # the image for half its length or more (a digit's stroke only ends there).
+    along = [np.bincount(labels[i], minlength=n)[1:] for i in (0, -1)]
+    across = [np.bincount(labels[:, i], minlength=n)[1:] for i in (0, -1)]
+    edge = (np.maximum(*along) >= w / 2) | (np.maximum(*across) >= h / 2)
+    shaped = (h >= 5) & (3 * h >= w) & ~edge & (darkness >= faint)
     if not shaped.any():
         raise NoDigit("no digit found (only specks or lines after cleaning)", mask)
     main = int(np.argmax(np.where(shaped, area, -1)))
@@ -205,11 +209,11 @@ def find_digit(grey: np.ndarray) -> np.ndarray:
     mask = (ink > max(0.4 * level, 4 * noise, BLANK)).astype(np.uint8)
     loose = (ink > max(0.15 * level, 4 * noise, BLANK)).astype(np.uint8)
     kept, lines = remove_lines(mask, loose)
-    digit = pick_digit(kept)
+    digit = pick_digit(kept, ink, max(MIN_INK, 6 * noise))
     rows, cols = np.nonzero(digit)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     # The strokes' anti-aliased edges come with them; the lines' pixels do not.
     near = cv2.dilate(digit.astype(np.uint8), np.ones((3, 3), np.uint8)) & ~lines & 1
     out = (ink * near)[max(0, top - 1):bottom + 1, max(0, left - 1):right + 1]
     core = out[digit[max(0, top - 1):bottom + 1, max(0, left - 1):right + 1]]
-    return np.clip(out / max(float(np.percentile(core, 90)), BLANK), 0, 1)
+    return np.clip(out / float(np.percentile(core, 90)), 0, 1)

@@ -97,7 +97,7 @@ def mixture(rng: np.random.Generator) -> Photo:
                  lines=("none", "ruled", "squared")[int(rng.integers(3))],
                  line_strength=float(rng.uniform(0.3, 0.8)),
                  shadow=float(rng.uniform(0, 0.4)), specks=int(rng.integers(0, 25)),
-                 perspective=float(rng.uniform(0, 0.06)), vignette=float(rng.uniform(0, 0.35)),
+                 perspective=float(rng.uniform(0, 0.04)), vignette=float(rng.uniform(0, 0.35)),
                  table=float(rng.uniform(0, 0.1)) * (rng.random() < 0.5),
                  jpeg=int(rng.integers(40, 90)), noise=float(rng.uniform(0.005, 0.02)))
 
