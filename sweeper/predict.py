@@ -60,7 +60,14 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
             clear = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
             small = im.convert("RGBA" if clear else "L")
             small.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
-            pixels = np.asarray(small, dtype=np.float32) / 255
+            # A phone stores a portrait photo sideways and says so in its EXIF orientation (the
+            # same turns as PIL.ImageOps.exif_transpose, done on the small copy).
+            t = Image.Transpose
+            turn = {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE,
+                    6: t.ROTATE_270, 7: t.TRANSVERSE, 8: t.ROTATE_90}.get(
+                        im.getexif().get(0x0112, 1))
+            pixels = np.asarray(small if turn is None else small.transpose(turn),
+                                dtype=np.float32) / 255
     except FileNotFoundError:
         raise UserError("file not found") from None
     except Image.DecompressionBombError as e:

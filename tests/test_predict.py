@@ -349,3 +349,20 @@ def test_two_digits_side_by_side_are_refused(small_reader, tmp_path):
         except NoDigit:
             refused += 1
     assert refused >= 27
+
+
+def test_a_phone_photo_stored_sideways_is_turned_upright(tmp_path):
+    from dataclasses import replace
+
+    from sweeper import synthetic_photos as sp
+
+    settings = replace(sp.BASE, height=(0.4, 0.4), size=(480, 640))  # portrait
+    upright = photographed(drawn(7), settings, 0, tmp_path)
+    want = predict.to_mnist(predict.load_image(upright))
+    sideways = tmp_path / "sideways.jpg"  # as a phone stores it, with EXIF orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(upright).transpose(Image.Transpose.ROTATE_90).save(sideways, exif=exif,
+                                                                  quality=95)
+    got = predict.to_mnist(predict.load_image(sideways))
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9  # before: a 7 lying on its side
