@@ -77,7 +77,8 @@ def main() -> None:
     ap.add_argument("--mnist", type=Path, help="a folder with MNIST's t10k IDX files")
     ap.add_argument("--test", type=Path, help="a Kaggle-format test.csv (with --labels)")
     ap.add_argument("--labels", type=Path)
-    ap.add_argument("--n", type=int, default=100, help="photos per condition and strength")
+    ap.add_argument("--n", type=int, default=100,
+                    help="photos per strength (3n for a condition with one strength)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="these conditions only")
     args = ap.parse_args()
@@ -90,42 +91,46 @@ def main() -> None:
             x = torch.from_numpy(np.stack(batch)).float().div(255)[:, None]
             return model(x).argmax(1).numpy()
 
-    print(f"{args.n} photos per condition and strength, digits from {source}, model "
-          f"{args.model}; before = the preparation before issue 33, after = today's\n")
-    print("| condition | strength | 28x28 | before | after | after, refused | ms/photo |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"digits from {source}, model {args.model}; before = the preparation before issue "
+          "33, after = today's; ms = today's preparation per photo (wall time)\n")
+    print("| condition | strength | photos | 28x28 | before | after | refused after | ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     totals: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for condition, levels in sp.CONDITIONS.items():
             if args.only and condition not in args.only:
                 continue
             for strength in range(len(levels)):
-                pick = rng.choice(len(images), size=min(args.n, len(images)), replace=False)
+                n = min(args.n * (3 // len(levels)), len(images))  # 3n photos per condition
+                pick = rng.choice(len(images), size=n, replace=False)
                 paths = sp.write_photos(images[pick], condition, strength, rng, Path(tmp))
-                ok, refused, seconds = {"before": 0, "after": 0}, 0, 0.0
-                for path, label in zip(paths, labels[pick], strict=True):
+                inputs: dict[str, list[np.ndarray]] = {"before": [], "after": []}
+                kept: dict[str, list[int]] = {"before": [], "after": []}
+                seconds = 0.0
+                for k, path in enumerate(paths):
                     grey = predict.load_image(path)
                     for name, prepare in (("before", to_mnist_before),
                                           ("after", predict.to_mnist)):
                         start = time.perf_counter()
                         try:
-                            x = prepare(grey)
-                        except UserError:
-                            refused += name == "after"
-                            continue
-                        finally:
-                            seconds += (time.perf_counter() - start) * (name == "after")
-                        ok[name] += int(read([x])[0] == label)
+                            inputs[name].append(prepare(grey))
+                            kept[name].append(k)
+                        except UserError:  # refused: counted as not read
+                            pass
+                        seconds += (time.perf_counter() - start) * (name == "after")
                     path.unlink()
-                n = len(pick)
-                plain = float((read(list(images[pick])) == labels[pick]).mean())
-                row = [plain, ok["before"] / n, ok["after"] / n]
+                truth = labels[pick]
+                right = {name: int((read(inputs[name]) == truth[kept[name]]).sum())
+                         if inputs[name] else 0 for name in inputs}
+                plain = float((read(list(images[pick])) == truth).mean())
+                row = [plain, right["before"] / n, right["after"] / n]
                 mean = totals.setdefault(condition, [0.0, 0.0, 0.0])  # over the strengths
                 for k, value in enumerate(row):
                     mean[k] += value / len(levels)
                 what = describe(levels[strength]) if condition != "mixture" else "random"
-                print(f"| {condition} | {what} | {100 * plain:.1f}% | {100 * row[1]:.1f}% | "
-                      f"{100 * row[2]:.1f}% | {refused} | {1000 * seconds / n:.0f} |", flush=True)
+                print(f"| {condition} | {what} | {n} | {100 * plain:.1f}% | {100 * row[1]:.1f}% "
+                      f"| {100 * row[2]:.1f}% | {n - len(kept['after'])} | "
+                      f"{1000 * seconds / n:.0f} |", flush=True)
     print("\n| condition | 28x28 | before | after |\n| --- | --- | --- | --- |")
     for condition, (plain, before, after) in totals.items():
         print(f"| {condition} | {100 * plain:.1f}% | {100 * before:.1f}% | {100 * after:.1f}% |")
@@ -134,7 +139,9 @@ def main() -> None:
 def describe(s: sp.Photo) -> str:
     """What sets this strength apart from the base photo."""
     base = sp.CONDITIONS["clean"][0] if s.height == sp.CONDITIONS["clean"][0].height else sp.BASE
-    parts = [f"{k}={v}" for k, v in vars(s).items() if v != getattr(base, k)]
+    pens = {sp.BLUE_PEN: "blue pen", sp.PENCIL: "pencil", (0.30, 0.40, 0.80): "light blue pen"}
+    parts = [pens.get(v, str(v)) if k == "pen" else f"{k} {v}" for k, v in vars(s).items()
+             if v != getattr(base, k)]
     return ", ".join(parts) or "digit 50-70% of the height"
 
 
