@@ -3,7 +3,8 @@
 1. flatten uneven light: the paper's brightness is estimated over a large neighbourhood (a
    grey closing, which erases strokes thinner than a third of the image) and divided out, so a
    shadow or vignetting leaves the paper white;
-2. ink by local contrast: how much darker a pixel is than the paper around it;
+2. ink by local contrast: how much darker a pixel is than the paper around it (or lighter than
+   a dark ground: the polarity that finds the stronger strokes);
 3. ruled or squared lines removed: long thin near-horizontal/vertical structures (openings
    with line-shaped kernels at small tilts); a stroke crossing a line stays whole;
 4. specks dropped and the digit's connected component(s) kept: the largest digit-shaped mark,
@@ -52,16 +53,39 @@ def shrink(grey: np.ndarray, side: int) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
-def dark_on_light(grey: np.ndarray) -> np.ndarray:
-    """Ink made dark on a light page, whatever the image's polarity: the background is the
-    image's median (most of a page is paper, even where the photo shows the table around it),
-    ink what differs from it in whichever direction the image has room (by contrast, not by
-    absolute level: a mid-grey digit on a grey page still counts)."""
-    background = float(np.median(grey[::2, ::2]))
-    darker, lighter = background - float(grey.min()), float(grey.max()) - background
-    if max(darker, lighter) < BLANK:
+def local_ink(grey: np.ndarray) -> np.ndarray:
+    """Ink by local contrast, whatever the image's polarity: how much darker each pixel is than
+    the paper around it (`paper`), or for light ink on a dark ground, how much lighter."""
+    if float(grey.max()) - float(grey.min()) < BLANK:
         raise UserError("blank image: no ink found (nothing differs from the background)")
-    return grey if darker >= lighter else 1.0 - grey
+    page = grey if dark_ink(grey) else 1.0 - grey
+    ground = paper(page)
+    # Against a black ground there is no darker ink: divide by at least a dim grey.
+    return np.clip((ground - page) / np.maximum(ground, 0.1), 0, 1)
+
+
+def dark_ink(grey: np.ndarray) -> bool:
+    """Is the ink darker than its ground? The ground is the image's median (most of a page is
+    paper, even with the table around it in the photo), ink what differs most from it. Where
+    both directions differ much (a shadow over half the page is darker than the paper by as
+    much as the ink is), the ground is a median over a large neighbourhood instead, which moves
+    with the shadow, and ink the side with more weight far out in the tail of what differs."""
+    import cv2
+
+    level = float(np.median(grey[::2, ::2]))
+    darker, lighter = level - float(grey.min()), float(grey.max()) - level
+    if min(darker, lighter) < 0.5 * max(darker, lighter):
+        return darker >= lighter
+    h, w = grey.shape
+    f = max(1, min(h, w) // PAPER_SIDE)
+    small = cv2.resize(grey, (w // f, h // f), interpolation=cv2.INTER_AREA) if f > 1 else grey
+    k = max(3, min(small.shape) // 3) | 1
+    median = cv2.medianBlur((np.clip(small, 0, 1) * 255).astype(np.uint8), k) / np.float32(255)
+    ground = cv2.resize(median, (w, h), interpolation=cv2.INTER_LINEAR) if f > 1 else median
+    differs = grey - ground
+    spread = 1.4826 * float(np.median(np.abs(differs[::3, ::3]))) + BLANK
+    return bool(np.clip(-differs - 3 * spread, 0, None).sum()
+                >= np.clip(differs - 3 * spread, 0, None).sum())
 
 
 def paper(grey: np.ndarray) -> np.ndarray:
@@ -199,8 +223,7 @@ def find_digit(grey: np.ndarray) -> np.ndarray:
     cropped to the digit."""
     import cv2
 
-    grey = dark_on_light(shrink(np.asarray(grey, np.float32), WORK_SIDE))
-    ink = np.clip(1.0 - grey / np.maximum(paper(grey), 1e-3), 0, 1)
+    ink = local_ink(shrink(np.asarray(grey, np.float32), WORK_SIDE))
     # Thresholds relative to the image's darkest ink (a speck-proof maximum) and its noise.
     level = float(cv2.medianBlur((ink * 255).astype(np.uint8), 3).max()) / 255
     level = max(level, float(ink.max()) / 2)
