@@ -69,7 +69,7 @@ def dark_ink(grey: np.ndarray) -> bool:
     paper, even with the table around it in the photo), ink what differs most from it. Where
     both directions differ much (a shadow over half the page is darker than the paper by as
     much as the ink is), the ground is a median over a large neighbourhood instead, which moves
-    with the shadow, and ink the side with more weight far out in the tail of what differs."""
+    with the shadow."""
     import cv2
 
     level = float(np.median(grey[::2, ::2]))
@@ -80,12 +80,20 @@ def dark_ink(grey: np.ndarray) -> bool:
     f = max(1, min(h, w) // PAPER_SIDE)
     small = cv2.resize(grey, (w // f, h // f), interpolation=cv2.INTER_AREA) if f > 1 else grey
     k = max(3, min(small.shape) // 3) | 1
-    median = cv2.medianBlur((np.clip(small, 0, 1) * 255).astype(np.uint8), k) / np.float32(255)
-    ground = cv2.resize(median, (w, h), interpolation=cv2.INTER_LINEAR) if f > 1 else median
-    differs = grey - ground
-    spread = 1.4826 * float(np.median(np.abs(differs[::3, ::3]))) + BLANK
-    return bool(np.clip(-differs - 3 * spread, 0, None).sum()
-                >= np.clip(differs - 3 * spread, 0, None).sum())
+    median = cv2.medianBlur((np.clip(small, 0, 1) * 255).astype(np.uint8), k)
+    # Only where the ground itself is smooth: not near the table's edge or a shadow's (the
+    # median cuts a page's corners: half its square further).
+    steep = cv2.morphologyEx(median, cv2.MORPH_GRADIENT, np.ones((5, 5), np.uint8)) > 25
+    steep = cv2.dilate(steep.astype(np.uint8), np.ones((k // 2 | 1, k // 2 | 1), np.uint8)) > 0
+    ground = median / np.float32(255)
+    if f > 1:
+        ground = cv2.resize(ground, (w, h), interpolation=cv2.INTER_LINEAR)
+        steep = cv2.resize(steep.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    # What differs most from it, either way, ignoring 1-2 px specks and noise (a 3x3 median).
+    differs = cv2.medianBlur(((grey - ground + 1) * 127.5).astype(np.uint8), 3)[~steep]
+    if not differs.size:
+        return darker >= lighter
+    return int(differs.min()) + int(differs.max()) <= 255
 
 
 def paper(grey: np.ndarray) -> np.ndarray:
