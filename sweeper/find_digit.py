@@ -85,7 +85,7 @@ def dark_ink(grey: np.ndarray) -> bool:
     # median cuts a page's corners: half its square further).
     steep = cv2.morphologyEx(median, cv2.MORPH_GRADIENT, np.ones((5, 5), np.uint8)) > 25
     steep = cv2.dilate(steep.astype(np.uint8), np.ones((k // 2 | 1, k // 2 | 1), np.uint8)) > 0
-    ground = median / np.float32(255)
+    ground: np.ndarray = median / np.float32(255)
     if f > 1:
         ground = cv2.resize(ground, (w, h), interpolation=cv2.INTER_LINEAR)
         steep = cv2.resize(steep.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
