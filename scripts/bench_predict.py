@@ -7,7 +7,8 @@ all), saved as files and read back through predict's reader; each file is prepar
 the preparation before issue 33 (one background level, the bounding box of all ink:
 `to_mnist_before` below) and by today's `predict.to_mnist`, and read by the exported model.
 Prints accuracy per condition and strength, with the model's accuracy on the same digits as
-plain 28x28 images, and the preparation's time per photo.
+plain 28x28 images, and the preparation's time per photo; then how often photos of two digits
+side by side and of an empty page are refused rather than read as a digit.
 
     python scripts/bench_predict.py --model export/ --mnist /work/shared/data/mnist --n 100
 
@@ -18,6 +19,7 @@ seen them, so use --mnist (t10k) or --test for such a model.
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,32 @@ def main() -> None:
     print("\n| condition | 28x28 | before | after |\n| --- | --- | --- | --- |")
     for condition, (plain, before, after) in totals.items():
         print(f"| {condition} | {100 * plain:.1f}% | {100 * before:.1f}% | {100 * after:.1f}% |")
+    if not args.only:
+        refusals(images, rng, 3 * args.n)
+
+
+def refusals(images: np.ndarray, rng: np.random.Generator, n: int) -> None:
+    """How often a photo without a single digit is refused instead of guessed: two digits side
+    by side, and an empty page (both with the mixtures' random conditions)."""
+    print(f"\nrefused (of {n} photos each, the mixtures' conditions):")
+    for what in ("two digits side by side", "an empty page"):
+        refused = {"before": 0, "after": 0}
+        for _ in range(n):
+            if what == "an empty page":
+                digit, settings = sp.EMPTY, sp.mixture(rng)
+            else:
+                a, b = images[rng.choice(len(images), 2, replace=False)]
+                digit, settings = sp.pair(a, b), replace(sp.mixture(rng), height=(0.25, 0.4))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / ("photo.jpg" if settings.jpeg else "photo.png")
+                path.write_bytes(sp.encode(sp.render(digit, settings, rng), settings))
+                grey = predict.load_image(path)
+            for name, prepare in (("before", to_mnist_before), ("after", predict.to_mnist)):
+                try:
+                    prepare(grey)
+                except UserError:
+                    refused[name] += 1
+        print(f"- {what}: before {refused['before']}, after {refused['after']}")
 
 
 def describe(s: sp.Photo) -> str:

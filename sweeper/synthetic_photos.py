@@ -89,6 +89,16 @@ def drawn(digit: int) -> np.ndarray:
     return canvas
 
 
+# A stand-in digit of 1/255 ink, invisible: `render` makes of it a photo of an empty page (lines
+# spaced as for a digit of that size).
+EMPTY = np.ones((28, 20), np.uint8)
+
+
+def pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two 28x28 digits side by side, 12 px apart (~40% of their height)."""
+    return np.concatenate([a, np.zeros((28, 12), np.uint8), b], axis=1)
+
+
 def mixture(rng: np.random.Generator) -> Photo:
     """A real-looking photo: every condition at once, each at a random strength."""
     return Photo(size=(640, 480) if rng.random() < 0.5 else (480, 640),
