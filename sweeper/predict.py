@@ -11,6 +11,7 @@ keeping the aspect ratio, placed in 28x28 with its centre of mass at the centre.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -126,6 +127,8 @@ def load_model(folder: Path | None):
             folder / "model.pt").is_file() else ""
         raise UserError(f"{path}: no exported model there{older}; python -m sweeper.export "
                         "writes it")
+    # torch.export logs a damaged file's traceback (13 lines) before it raises: said in one line
+    logging.getLogger("torch.export").setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter chatter on load
