@@ -184,16 +184,17 @@ def test_more_seeds_on_resume_trains_and_announces_only_the_new_ones(tiny_cfg, m
 def test_an_unexpected_error_fails_the_run_with_its_message(tiny_cfg, monkeypatch, pop):
     tiny_cfg.search.population, tiny_cfg.search.pruner = pop, "none"
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    # Not a disk-full error (that one becomes a one-line DiskFull: test_faults_round3).
+    def broken(*args, **kwargs):
+        raise RuntimeError("the checkpoint writer broke")
 
-    monkeypatch.setattr(checkpoints, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):  # before: KeyboardInterrupt (pop 2)
+    monkeypatch.setattr(checkpoints, "save", broken)
+    with pytest.raises(RuntimeError, match="writer broke"):  # before: KeyboardInterrupt (pop 2)
         run_study(tiny_cfg)
     study = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == pop and not [t for t in study.trials if t.state == TrialState.RUNNING]
-    assert all("No space left" in t.user_attrs[keys.ERROR] for t in failed)
+    assert all("writer broke" in t.user_attrs[keys.ERROR] for t in failed)
     assert len([t for t in study.trials if t.state == TrialState.WAITING]) == pop  # queued
     _, parents, children = runs(tiny_cfg.tracking.uri, "tiny")
     assert parents[0].info.status == "FAILED"  # before: FINISHED
