@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,18 @@ from sweeper.config import DataConfig
 from sweeper.errors import UserError
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
-CACHE = Path(os.environ.get("SWEEPER_CACHE", "~/.cache/sweeper")).expanduser()
+
+
+def cache_dir() -> Path:
+    if "SWEEPER_CACHE" in os.environ:
+        return Path(os.environ["SWEEPER_CACHE"]).expanduser()
+    try:
+        return Path("~/.cache/sweeper").expanduser()
+    except RuntimeError:  # no HOME and a user without a passwd entry (containers, CI runners)
+        return Path(tempfile.gettempdir()) / f"sweeper-cache-{os.getuid()}"
+
+
+CACHE = cache_dir()
 DOWNLOAD_TIMEOUT_S = 15
 SAMPLE_VAL_SIZE = 1000  # as conf/data/mnist_sample.yaml: 4,000 train / 1,000 validation
 

@@ -1,5 +1,8 @@
 """Data sources, the study split, and the offline fallback."""
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +130,17 @@ def test_the_fingerprint_covers_pixels_and_old_studies_still_resume(tiny_cfg):
     assert study.user_attrs[keys.IDENTITY]["data.content"] == f"mnist:{ours.fingerprint()}"
     with pytest.raises(UserError, match=r"data\.content"):
         open_study(tiny_cfg, other, storage)  # same labels, other pixels: refused now
+
+
+def test_the_cache_has_a_home_without_one(monkeypatch):
+    # A CI runner's user may have neither HOME nor a passwd entry: importing must still work.
+    monkeypatch.delenv("SWEEPER_CACHE", raising=False)
+
+    def no_home(self):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(data.Path, "expanduser", no_home)
+    assert data.cache_dir() == data.Path(tempfile.gettempdir()) / f"sweeper-cache-{os.getuid()}"
+    monkeypatch.undo()
+    monkeypatch.setenv("SWEEPER_CACHE", "/somewhere/else")
+    assert data.cache_dir() == data.Path("/somewhere/else")
