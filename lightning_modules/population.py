@@ -10,7 +10,8 @@ That is what fills a GPU that one small network leaves idle.
 
 On CPU an MLP member reproduces the solo trial (`Classifier` + `MLP`, same seed) op for op: the
 same initial weights, batch order, dropout masks (its own generator, continuing from the state
-the solo run has after building its net), augmentation draws and Adam/SGD arithmetic. A CNN
+the solo run has after building its net), augmentation draws and Adam/SGD arithmetic (to float
+rounding where the population is large enough for the fused update, population_optim.py). A CNN
 member does too except for the convolution kernels (grouped vs single), which round
 differently: its metrics agree with the solo trial's to ~1e-3 after an epoch, not bit for bit.
 On GPU the dropout masks come from one batched draw (one kernel instead of N), so members are
@@ -29,6 +30,7 @@ from lightning_modules.augment import BatchAugment, strengths, warp_members
 from lightning_modules.cnn import CNN
 from lightning_modules.metrics import GAP, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 from lightning_modules.mlp import MLP
+from lightning_modules.population_optim import StackedOptimizer
 from lightning_modules.schedules import lr_factor
 
 
@@ -213,65 +215,6 @@ def _name(key: str) -> str:
 PopulationNet = PopulationMLP | PopulationCNN
 
 
-class StackedOptimizer:
-    """Adam / AdamW / SGD (momentum 0.9, Nesterov) over stacked parameters with one learning
-    rate and weight decay per member: torch.optim's single-tensor arithmetic, op for op, with
-    the per-member scalars broadcast along dim 0."""
-
-    def __init__(self, name: str, lrs: Sequence[float], weight_decays: Sequence[float],
-                 device: torch.device, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, momentum: float = 0.9):
-        if name not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"unknown optimizer {name!r}")
-        self.name, self.betas, self.eps, self.momentum = name, betas, eps, momentum
-        # float64, as torch.optim computes lr * schedule / bias correction in Python floats.
-        self.lr = torch.tensor(list(lrs), dtype=torch.float64, device=device)
-        self.wd = torch.tensor(list(weight_decays), dtype=torch.float64, device=device)
-        self.steps = 0
-        self.state: list[list[torch.Tensor]] = []  # per parameter: [exp_avg, exp_avg_sq] | [buf]
-
-    def keep(self, idx: list[int]) -> None:
-        sel = torch.tensor(idx, device=self.lr.device)
-        self.lr, self.wd = self.lr[sel], self.wd[sel]
-        self.state = [[s[sel] for s in st] for st in self.state]
-
-    @staticmethod
-    def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-    @torch.no_grad()
-    def step(self, params: Sequence[torch.Tensor], factor: float = 1.0) -> None:
-        """One step; `factor` scales every member's lr (the schedule)."""
-        self.steps += 1
-        lr = self.lr * factor
-        b1, b2 = self.betas
-        if not self.state:
-            self.state = [[torch.zeros_like(p), torch.zeros_like(p)] if self.name != "sgd"
-                          else [] for p in params]
-        for p, st in zip(params, self.state, strict=True):
-            assert p.grad is not None
-            g, p.grad = p.grad, None
-            if self.name == "sgd":
-                g = g + self._col(self.wd, p) * p
-                if not st:
-                    st.append(g.clone())
-                else:
-                    st[0].mul_(self.momentum).add_(g)
-                g = g + self.momentum * st[0]
-                p.sub_(self._col(lr, p) * g)
-                continue
-            if self.name == "adamw":
-                p.mul_(self._col(1 - lr * self.wd, p))
-            else:
-                g = g + self._col(self.wd, p) * p
-            m, v = st
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
-            denom = (v.sqrt() / bc2 ** 0.5).add_(self.eps)
-            p.add_(self._col(-(lr / bc1), p) * m / denom)
-
-
 class PopulationClassifier(pl.LightningModule):
     """The population's LightningModule: `Classifier`'s loop (groups of mini-batches, one
     optimizer step each; evaluation on the validation set and a train subset, dropout off)
@@ -294,13 +237,14 @@ class PopulationClassifier(pl.LightningModule):
         self.lr_schedule, self.total_steps, self.steps_done = lr_schedule, total_steps, 0
         self.automatic_optimization = False
         self.opt: StackedOptimizer | None = None
+        self.fused: bool | None = None  # the optimizer's: None decides by size (population_optim)
         self.active = list(range(len(net)))  # original member index of each row still training
         self.history: list[list[dict[str, float]]] = [[] for _ in range(len(net))]
         self._sums = torch.zeros(2, len(net), 3)
 
     def on_fit_start(self) -> None:
         self.opt = StackedOptimizer(self.optimizer_name, self.lrs, self.weight_decays,
-                                    self.device)
+                                    self.device, fused=self.fused)
 
     def configure_optimizers(self):
         return None  # StackedOptimizer: per-member lr and weight decay; made in on_fit_start

@@ -18,10 +18,23 @@ population's memory estimate (sweeper/population.py), time in MLflow writes, GPU
 
     python scripts/bench_population.py --family mlp --epochs 10 --solo 8 --population 64 256 \
         --precision 32 tf32 bf16
+
+--compare-update: instead of studies, the population optimizer's unfused update against the
+fused one (lightning_modules/population_optim.py), side by side: per size, `--rounds` rounds,
+each training one population of that size (members differing by seed) with each update in
+turn (the order alternating), fit_population only (no Optuna or MLflow). Prints the seconds
+per epoch in training steps (forward, backward, update; evaluation not counted) of every
+round, the medians of those and of the update's share, their ratios, and whether both updates
+learned the same (val acc):
+
+    python scripts/bench_population.py --family mlp --compare-update --population 64 \
+        --epochs 1 --train-size 2560 --val-size 1000 --rounds 3
 """
 
 import argparse
 import contextlib
+import dataclasses
+import gc
 import io
 import math
 import statistics
@@ -37,6 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules.metrics import VAL_ACC
 from lightning_modules.models import build_model
+from lightning_modules.population import PopulationClassifier
+from lightning_modules.population_optim import StackedOptimizer, compiled
 from sweeper import data, population, tracking, training
 from sweeper.config import Config, DataConfig, ParamSpec
 from sweeper.study import run_study
@@ -198,6 +213,66 @@ def study(cfg: Config, splits: data.Splits) -> dict:
             "mem": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
+def compare_update(family: str, epochs: int, sizes: list[int], rounds: int,
+                   splits: data.Splits) -> None:
+    """Unfused vs fused population update, interleaved (see the module's docstring)."""
+    device = splits.x_train.device
+    spec = spec_of(config(family, Path("."), "x", epochs, 1, 1, "32"))
+    kind = "sgd" if spec.optimizer == "sgd" else "adam"
+    t0 = time.perf_counter()
+    fn = compiled(kind, device)  # once per process, before anything is timed
+    print(f"compiling the fused update ({kind}, {device.type}): {time.perf_counter() - t0:.1f} s "
+          "(less when Inductor's disk cache already holds it)", flush=True)
+    if fn is None:
+        return
+    spent = {"step": 0.0, "update": 0.0}  # seconds in training steps, and the update's part
+
+    def timed(f, key):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            f(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            spent[key] += time.perf_counter() - t
+        return wrapper
+
+    real = PopulationClassifier.training_step, StackedOptimizer.step
+    PopulationClassifier.training_step = timed(real[0], "step")  # type: ignore[method-assign]
+    StackedOptimizer.step = timed(real[1], "update")  # type: ignore[method-assign]
+    steps = epochs * -(-len(splits.y_train) // spec.batch_size)
+    print(f"\n{family}: {epochs} epoch(s), {steps} steps of {spec.batch_size}, "
+          f"{splits.describe()}, {device}")
+    print("| members | update | s/epoch in training steps, each round | median | "
+          "of which the update, median | val acc % (mean) | unfused / fused: steps, update |")
+    print("| --- " * 7 + "|", flush=True)
+    for size in sizes:
+        specs = [dataclasses.replace(spec, seed=i) for i in range(size)]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        updates: dict[bool, list[float]] = {False: [], True: []}
+        accs: dict[bool, float] = {}
+        for r in range(rounds):
+            for fused in (False, True) if r % 2 == 0 else (True, False):
+                module = population.build_population(specs, splits)
+                module.fused = fused
+                spent["step"] = spent["update"] = 0.0
+                with contextlib.redirect_stdout(io.StringIO()):
+                    population.fit_population(module, specs, splits, lambda e, m: set())
+                assert module.opt is not None and module.opt.fused == fused
+                times[fused].append(spent["step"] / epochs)
+                updates[fused].append(spent["update"] / epochs)
+                accs[fused] = statistics.fmean(h[-1][VAL_ACC] for h in module.history)
+                del module
+                gc.collect()
+        med = {f: statistics.median(t) for f, t in times.items()}
+        upd = {f: statistics.median(t) for f, t in updates.items()}
+        for fused in (False, True):
+            ratio = f"{med[False] / med[True]:.2f}x, {upd[False] / upd[True]:.2f}x" if fused else ""
+            each = ", ".join(f"{t:.2f}" for t in times[fused])
+            print(f"| {size} | {'fused' if fused else 'unfused'} | {each} | {med[fused]:.2f} | "
+                  f"{upd[fused]:.2f} | {100 * accs[fused]:.2f} | {ratio} |", flush=True)
+    PopulationClassifier.training_step, StackedOptimizer.step = real  # type: ignore[method-assign]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["mlp", "cnn", "tiny"], default="mlp")
@@ -208,6 +283,11 @@ def main() -> None:
     ap.add_argument("--population", type=int, nargs="+", default=[64])
     ap.add_argument("--precision", nargs="+", default=["32"], choices=["32", "tf32", "bf16"],
                     help="precisions of the population modes (one at a time: the first)")
+    ap.add_argument("--val-size", type=int, default=None,
+                    help="validation images (default 10,000; tiny 1,000)")
+    ap.add_argument("--compare-update", action="store_true",
+                    help="unfused vs fused population update, interleaved, instead of studies")
+    ap.add_argument("--rounds", type=int, default=3, help="--compare-update: rounds")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     epochs = args.epochs or (1 if args.family == "tiny" else 10)
@@ -215,9 +295,12 @@ def main() -> None:
         dcfg, val = DataConfig(name="mnist_sample"), 1000
     else:
         dcfg, val = DataConfig(name="mnist", root=args.root, fallback_to_sample=False), 10_000
-    splits = data.make_splits(data.load(dcfg), val, 0, device, args.train_size)
+    splits = data.make_splits(data.load(dcfg), args.val_size or val, 0, device, args.train_size)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"data {splits.describe()}; device {name}; torch {torch.__version__}", flush=True)
+    if args.compare_update:
+        compare_update(args.family, args.epochs or 1, args.population, args.rounds, splits)
+        return
     sheet = next((v for k, v in DATASHEET.items() if k in name), None)
     peaks = {p: matmul_peak(device, p) for p in dict.fromkeys(args.precision[:1] + args.precision)}
     flops = trial_flops(config(args.family, Path("."), "x", epochs, 1, 1, "32"), splits)
@@ -263,9 +346,11 @@ def main() -> None:
                 base.append(r["per_min"])
             row(label, precision, r)
 
-        # CUDA/cuBLAS init and stores created before anything is timed
+        # CUDA/cuBLAS init, stores created and the fused population update compiled before
+        # anything is timed
         with contextlib.redirect_stdout(io.StringIO()):
             study(config(args.family, Path(tmp), "warmup", 1, 2, 2, args.precision[0]), splits)
+        compiled("adam", device)  # every family here trains with Adam
         if args.solo:
             run("one at a time", args.solo, 1, args.precision[0])
         for size in args.population:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,18 @@ from sweeper.config import DataConfig
 from sweeper.errors import UserError
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
-CACHE = Path(os.environ.get("SWEEPER_CACHE", "~/.cache/sweeper")).expanduser()
+
+
+def cache_dir() -> Path:
+    if "SWEEPER_CACHE" in os.environ:
+        return Path(os.environ["SWEEPER_CACHE"]).expanduser()
+    try:
+        return Path("~/.cache/sweeper").expanduser()
+    except RuntimeError:  # no HOME and a user without a passwd entry (containers, CI runners)
+        return Path(tempfile.gettempdir()) / f"sweeper-cache-{os.getuid()}"
+
+
+CACHE = cache_dir()
 DOWNLOAD_TIMEOUT_S = 15
 SAMPLE_VAL_SIZE = 1000  # as conf/data/mnist_sample.yaml: 4,000 train / 1,000 validation
 
@@ -58,8 +70,20 @@ class Splits:
 
     def fingerprint(self) -> str:
         """The split's identity without its path: workers on machines that keep the same data
-        in different folders agree, a different dataset, seed or split does not. Labels only:
-        integers hash the same on every device, and 60,000 of them in split order are specific."""
+        in different folders agree, a different dataset, seed or split does not. Labels in split
+        order, and the pixels of a strided sample of ~1,000 images of each part, as the uint8
+        values they were read as (exact on every device, whatever the normalization's last
+        bits): the same labels with other images are other data."""
+        h = hashlib.sha256(self.labels_fingerprint().encode())
+        for x in (self.x_train, self.x_val):
+            sample = x[::max(1, len(x) // 500)].detach().cpu().double()
+            pixels = ((sample * self.std + self.mean) * 255).round().clamp(0, 255)
+            h.update(pixels.to(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def labels_fingerprint(self) -> str:
+        """The labels alone: the fingerprint of studies made before the pixels were in it
+        (integers hash the same on every device; 60,000 in split order are specific)."""
         h = hashlib.sha256()
         for y in (self.y_train, self.y_val):
             h.update(y.cpu().numpy().astype(np.int64).tobytes())

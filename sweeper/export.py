@@ -208,10 +208,15 @@ def measure(meta: dict[str, Any], model: nn.Module, nets: Sequence[nn.Module], s
     images = val.clamp(0, 255).to(torch.uint8).numpy()
     labels, probs = predict(model, images)
     truth = splits.y_val.cpu().numpy()
-    # After --refit the validation images were trained on: not a held-out figure.
-    key = "val_acc_seen_in_training" if refit else VAL_ACC
+    # After --refit the validation images were trained on: not a held-out figure. An
+    # ensemble's members were chosen on these images (the top trials, or the seeds of the best
+    # one): its figure is a selection score, optimistic, not a held-out accuracy either.
+    key = ("val_acc_seen_in_training" if refit else "val_acc_selection_score" if len(nets) > 1
+           else VAL_ACC)
     meta["metrics"][key] = float((labels == truth).mean())
-    seen = " (these images were trained on by --refit)" if refit else ""
+    seen = (" (these images were trained on by --refit)" if refit else
+            " (a selection score, not held out: these images chose its members)"
+            if len(nets) > 1 else "")
     print(f"validation accuracy of the exported model: {meta['metrics'][key]:.4f}{seen}"
           + members_line(nets, images, truth))
     if picture is not None:

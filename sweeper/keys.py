@@ -12,6 +12,9 @@ RECOVERED = "sweeper.recovered"  # RECOVERED.N: trial N was left running by a de
 # Optuna trial user attributes.
 RECIPE = "sweeper.recipe"  # the settings the trial trained with (seed, data, model, augment, ...)
 WORKER = "sweeper.worker"  # who holds a RUNNING trial (see liveness.py)
+# How the trial was chosen: {"sampler": search.sampler, "pruner": search.pruner}. The size
+# verdict is a verdict only for trials drawn at random (size_effect.design_note).
+DESIGN = "sweeper.design"
 RETRY_OF = "sweeper.retry_of"  # on a trial that re-runs a failed trial's configuration
 # On a trial failed because its population ran out of memory: the population size its
 # configuration was queued again for (not counted as a failure in a row).
@@ -50,8 +53,9 @@ BEST_PARAM_TAG = "best.param"  # best.param.NAME: its parameters
 FRONT_TAG = "pareto_front"  # multi-objective: the front's trial numbers
 BEST_OBJECTIVE = "best_objective"  # metric: the best trial's objective value
 FRONT_SIZE = "pareto_front_size"  # metric: trials on the Pareto front
-# The size verdict (size_effect.py): tag bigger|smaller|null|unclear; metrics in points from the
-# smallest to the largest network, with their 95% interval (suffixes _low, _high).
+# The size verdict (size_effect.py): tag bigger|smaller|peak|valley|null|unclear|too few, or
+# descriptive where the design allows no verdict; metrics in points from the smallest to the
+# largest network, with their 95% interval (suffixes _low, _high).
 SIZE_VERDICT_TAG = "size_effect.verdict"
 SIZE_EFFECT_VAL = "size_effect_val_acc"
 SIZE_EFFECT_GAP = "size_effect_gap"

@@ -23,14 +23,16 @@ def directions(cfg: Config) -> list[str]:
     return list(cfg.search.objectives.values()) if multi(cfg) else ["maximize"]
 
 
-def values(cfg: Config, history: list[dict[str, float]], best_val_acc: float,
-           n_params: int) -> list[float]:
-    """The trial's objective values, in the order of search.objectives."""
-    last = history[-1]
-    val = last[VAL_ACC] if cfg.search.objective == "final" else best_val_acc
+def values(cfg: Config, history: list[dict[str, float]], n_params: int) -> list[float]:
+    """The trial's objective values, in the order of search.objectives: all from the final
+    epoch (search.objective=final) or all from the best epoch by val_acc (best), never a mix
+    (before: best-epoch val_acc beside last-epoch train_acc and gap, a point of no epoch)."""
+    epoch = history[-1] if cfg.search.objective == "final" else history[
+        max(range(len(history)), key=lambda i: history[i][VAL_ACC])]
     if not multi(cfg):
-        return [val]
-    of = {VAL_ACC: val, TRAIN_ACC: last[TRAIN_ACC], GAP: last[GAP], keys.N_PARAMS: n_params}
+        return [epoch[VAL_ACC]]
+    of = {VAL_ACC: epoch[VAL_ACC], TRAIN_ACC: epoch[TRAIN_ACC], GAP: epoch[GAP],
+          keys.N_PARAMS: n_params}
     return [float(of[name]) for name in cfg.search.objectives]
 
 

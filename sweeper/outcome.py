@@ -59,8 +59,7 @@ def ending(trial: optuna.Trial, cfg: Config, splits: Splits, run_id: str | None,
                       summary, error, run_again)
     if pruned:
         return Ending(trial, run_id, TrialState.PRUNED, None, attrs, summary, None)
-    values = objectives.values(cfg, history, summary[BEST_VAL_ACC],
-                               trial.user_attrs.get(keys.N_PARAMS, 0))
+    values = objectives.values(cfg, history, trial.user_attrs.get(keys.N_PARAMS, 0))
     assert net is not None and arch is not None
     saved = checkpoints.save(cfg, trial.number, net, arch, splits, history[-1]) \
         if save_weights else None

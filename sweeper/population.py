@@ -341,7 +341,7 @@ def _worth_saving(study: optuna.Study, cfg: Config, members: list[Member],
     for i in nets:
         history = module.history[i]
         if not members[i].pruned and history:  # value as conclude computes it (maximized)
-            value = objectives.values(cfg, history, max(h[VAL_ACC] for h in history), 0)[0]
+            value = objectives.values(cfg, history, 0)[0]
             ranked.append((-value, members[i].trial.number))
     top = {number for _, number in sorted(ranked)[:k]}
     return {i for i in nets if members[i].trial.number in top}

@@ -46,6 +46,7 @@ class Row:
     seeds: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # other searched params (covariates)
     logs: frozenset[str] = frozenset()  # params the search sampled on a log scale
+    sampler: str | None = None  # the sampler that chose it (None: not recorded)
 
     def mean_std(self, metric: str) -> tuple[float, float]:
         if len(self.seeds) < 2:
@@ -94,7 +95,8 @@ def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
                         family, extra={k: v for k, v in p.items() if k not in COVARIATES
                                        and not k.startswith("width")},
                         logs=frozenset(k for k, d in t.distributions.items()
-                                       if getattr(d, "log", False))))
+                                       if getattr(d, "log", False)),
+                        sampler=a.get(keys.DESIGN, {}).get("sampler")))
     seeds = repeat_records.results(study)
     for r in rows:
         r.seeds = seeds.get(r.number, [])
@@ -113,7 +115,8 @@ def analyse(study_name: str, rows: list[Row], setup: dict[str, Any],
         if i.sum() >= 3:
             bands.append((f"dropout {lo:.1f}-{hi:.1f}", stats.correlation(size[i], gap[i]),
                           stats.correlation(size[i], val[i])))
-    effect_val, effect_gap, budget = size_effects(rows, excluded_pruned, margin)
+    recorded = setup.get("sampler") if setup.get("sampler") != "?" else None
+    effect_val, effect_gap, budget = size_effects(rows, excluded_pruned, margin, recorded)
     text = size_effect.sentence(effect_val, effect_gap, budget)
     if len(rows) >= 3:
         text += " " + ranks(size_gap, size_val)
@@ -192,23 +195,36 @@ def ranks(size_gap: stats.Correlation, size_val: stats.Correlation) -> str:
 
 def study_effects(study: Any) -> tuple[size_effect.Effect, size_effect.Effect, str] | None:
     """The size effects on val_acc and the gap from a study's own record (no MLflow needed),
-    with the budget note; None when it has too few comparable trials to give one."""
+    with the budget note; None when it has too few comparable trials to say anything (a study
+    whose other settings fix size says so)."""
     rows, pruned = rows_of(study, include_pruned=False)
     if len({r.n_params for r in rows}) < 3:
         return None
     val, gap, budget = size_effects(rows, pruned)
-    return None if val.verdict == "too few" else (val, gap, budget)
+    return None if val.verdict == "too few" and not val.reason else (val, gap, budget)
 
 
-def size_effects(rows: list[Row], pruned: int, margin: float = size_effect.MARGIN
+def size_effects(rows: list[Row], pruned: int, margin: float = size_effect.MARGIN,
+                 sampler: str | None = None
                  ) -> tuple[size_effect.Effect, size_effect.Effect, str]:
     """The size effects on val_acc and the gap (seed means where there are repeats), and the
-    budget note the verdict quotes."""
-    trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0], (VAL_ACC, GAP))
+    budget note the verdict quotes. The design (size_effect.design_note) decides whether they
+    are a verdict; the gap is flagged where the small networks did not fit their training data.
+    sampler: for trials that did not record theirs (the study's parent run may have)."""
+    trials, budget = size_effect.of_rows(rows, lambda r, m: r.mean_std(m)[0],
+                                         (VAL_ACC, GAP, TRAIN_ACC))
     if pruned:  # the survivors of pruning are a selected set: say so in the verdict
         budget += f"; {pruned} pruned trials left out"
-    return (size_effect.estimate(trials, VAL_ACC, margin),
-            size_effect.estimate(trials, GAP, margin), budget)
+    val = size_effect.estimate(trials, VAL_ACC, margin)
+    gap = size_effect.estimate(trials, GAP, margin)
+    complete = [r for r in rows if r.state == "COMPLETE"]
+    pruned += len(rows) - len(complete)  # --include-pruned: they are among the rows
+    design = size_effect.design_note([r.sampler or sampler for r in complete], pruned,
+                                     len(complete))
+    val.design = gap.design = design
+    if gap.verdict != "too few":
+        gap.underfit = size_effect.underfit(size_effect.estimate(trials, TRAIN_ACC, margin))
+    return val, gap, budget
 
 
 def console_verdict(study: Any, found: Any = ...) -> str | None:
@@ -414,7 +430,7 @@ def partial_effect(plt: Any, path: Path, rep: Report) -> str:
                 label=f"fit: {e.estimate:+.2f} points [{e.low:+.2f}, {e.high:+.2f}]")
         ax.set_xscale("log")
         ax.set(xlabel="n_params", ylabel=f"{label}, % (adjusted)",
-               title=f"{label}: {e.verdict}")
+               title=f"{label}: {'descriptive' if e.design else e.verdict}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     held = rep.effect_val.held if rep.effect_val is not None else ()
@@ -436,7 +452,9 @@ def effects_table(rep: Report) -> list[str]:
             continue
         lines.append(f"| {e.metric} | {e.estimate:+.2f} ({size_effect.params_text(e.smallest)}"
                      f" to {size_effect.params_text(e.largest)}) | {e.low:+.2f} to "
-                     f"{e.high:+.2f} | {e.verdict} | {e.n} | {', '.join(e.covariates) or '-'} |")
+                     f"{e.high:+.2f} | {'descriptive' if e.design else e.verdict}"
+                     f"{' (mixes in underfitting)' if e.underfit else ''} | {e.n} | "
+                     f"{', '.join(e.covariates) or '-'} |")
     e = rep.effect_val
     if e is not None and e.depth is not None:
         lines.append(f"| val_acc per extra layer at equal size | {e.depth[0]:+.2f} | "
@@ -453,9 +471,12 @@ def assumptions(rep: Report) -> list[str]:
              + (" and its square" if e.curve[2] else "")
              + (f" with {', '.join(e.covariates)} as covariates" if e.covariates else "")
              + "; the effect is the fitted change from the smallest to the largest network, its "
-             "interval a bootstrap over trials (2,000 resamples). The fit assumes size acts the "
+             "interval a bootstrap over trials (2,000 resamples, widened by Student's t at the "
+             "fit's residual degrees of freedom). The fit assumes size acts the "
              "same way whatever the other settings (no interactions)"
-             + (", in every model family" if "family" in e.held else "") + "."]
+             + (", in every model family" if "family" in e.held else "") + "; how often its "
+             "verdicts are wrong, on planted studies: docs/guide.md, `python "
+             "scripts/calibrate_verdict.py`."]
     if e.degenerate:
         lines[0] += (f" {e.degenerate} of the resamples could not be fitted (a rare setting "
                      "missing from them) and were left out.")

@@ -79,7 +79,14 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    # One scrambled sequence per study: Optuna keys a QMC sequence's position (a study system
+    # attribute, advanced under our study lock at each ask) by the sampler's seed, so every
+    # start and every worker must use the study's seed to continue it, never to restart it at
+    # index 0 or draw another worker's points. The first trial is drawn at random (Optuna's
+    # independent sampler), from this start's own stream.
+    return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True,
+                                      independent_sampler=optuna.samplers.RandomSampler(seed),
+                                      warn_independent_sampling=False)
 
 
 def prunes(cfg: Config) -> bool:

@@ -133,10 +133,15 @@ def open_study(cfg: Config, splits: data.Splits,
                         f"asks for {asked}: give the study's objectives in its order, or use "
                         "another search.study_name")
     # The data by content, not path: workers on other machines may keep it elsewhere.
-    want = recipe.identity(cfg, f"{splits.source.split(':')[0]}:{splits.fingerprint()}")
+    kind = splits.source.split(":")[0]
+    want = recipe.identity(cfg, f"{kind}:{splits.fingerprint()}")
     have = study.user_attrs.get(keys.IDENTITY)
     if have is not None and "search.space" not in have:  # made by an earlier version
         have = recipe.upgrade(have, study.user_attrs.get(keys.LEGACY_CONFIG), want)
+    if have is not None and have.get("data.content") == f"{kind}:{splits.labels_fingerprint()}":
+        # Made before the fingerprint covered pixels: its labels match, which is all it kept.
+        # From now on it is known by the new one (stored below).
+        have = have | {"data.content": want["data.content"]}
     if have is None:
         if not study.trials:
             for fixed in s.enqueue:
@@ -147,7 +152,8 @@ def open_study(cfg: Config, splits: data.Splits,
     if objectives.multi(cfg):
         study.set_user_attr(keys.OBJECTIVES, list(s.objectives))
     # Workers that open the study at the same moment see the same trials; the start count
-    # (read and bumped under the study lock) keeps their samplers' random streams apart.
+    # (read and bumped under the study lock) keeps their samplers' random streams apart (the
+    # QMC and grid samplers take the study's seed instead: one sequence, one order per study).
     starts = int(study.user_attrs.get(keys.STARTS, 0))
     study.set_user_attr(keys.STARTS, starts + 1)
     study.sampler = samplers.make_sampler(cfg, cfg.seed + len(study.trials) + 10_007 * starts)
@@ -192,7 +198,9 @@ def ask(ledger: Ledger, cfg: Config, room: int) -> list[tuple[optuna.Trial, dict
         faultpoints.reached("asked")
         return asked
 
-    return ledger.ask(asker, {keys.RECIPE: recipe.of_config(cfg)})
+    design = {"sampler": cfg.search.sampler, "pruner": "none" if objectives.multi(cfg)
+              else cfg.search.pruner}
+    return ledger.ask(asker, {keys.RECIPE: recipe.of_config(cfg), keys.DESIGN: design})
 
 
 def recover(ledger: Ledger, tracker: Tracker) -> None:
@@ -376,7 +384,7 @@ def summary(study: optuna.Study, effects: Any = None) -> tuple[dict[str, float],
     tags |= {f"{keys.BEST_PARAM_TAG}.{k}": str(v) for k, v in best.params.items()}
     if effects is not None:  # the size verdict, for the runs table
         val, gap, _ = effects
-        tags[keys.SIZE_VERDICT_TAG] = val.verdict
+        tags[keys.SIZE_VERDICT_TAG] = "descriptive" if val.design else val.verdict
         for key, e in ((keys.SIZE_EFFECT_VAL, val), (keys.SIZE_EFFECT_GAP, gap)):
             if e.verdict != "too few":
                 counts |= {key: e.estimate, f"{key}_low": e.low, f"{key}_high": e.high}

@@ -48,6 +48,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pty")
 def test_live_indicator_on_a_terminal(tmp_path):
     # `script` runs the sweep on a pseudo-terminal, where the per-epoch indicator is shown.
@@ -59,6 +60,7 @@ def test_live_indicator_on_a_terminal(tmp_path):
     assert "[1/1] trial   0" in out
 
 
+@pytest.mark.slow
 def test_default_data_on_an_offline_machine_falls_back_and_runs(tmp_path):
     # What `make run` does on a fresh offline machine: data=mnist, nothing cached, no network.
     result = sweep(tmp_path, "+experiment=smoke", "data=mnist", "search.n_trials=1",

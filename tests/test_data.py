@@ -1,5 +1,8 @@
 """Data sources, the study split, and the offline fallback."""
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +95,52 @@ def test_full_mnist_split(mnist_root):
     s = data.make_splits(ds, 10_000, 0, torch.device("cpu"))
     assert (len(s.y_train), len(s.y_val)) == (50_000, 10_000)
     assert 0.12 < s.mean < 0.14 and 0.30 < s.std < 0.32  # MNIST's well-known 0.1307 / 0.3081
+
+
+def test_the_fingerprint_covers_pixels_and_old_studies_still_resume(tiny_cfg):
+    """Same labels, other images: other data (before: one fingerprint, so a resume mixed them).
+    A study made when the fingerprint hashed labels only resumes on its own data, and is known
+    by the new fingerprint from then on."""
+    from sweeper import keys
+    from sweeper.errors import UserError
+    from sweeper.study import open_storage, open_study
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60)
+    cpu = torch.device("cpu")
+    ours = data.make_splits(data.Dataset(images, labels, "mnist:idx:/a"), 10, 0, cpu)
+    again = data.make_splits(data.Dataset(images.copy(), labels, "mnist:idx:/b"), 10, 0, cpu)
+    other = data.make_splits(data.Dataset(255 - images, labels, "mnist:idx:/a"), 10, 0, cpu)
+    assert ours.fingerprint() == again.fingerprint() != other.fingerprint()
+    assert ours.labels_fingerprint() == other.labels_fingerprint()
+    # A normalization that differs in its last bits (another CPU's reduction) changes nothing.
+    nudged = data.make_splits(data.Dataset(images, labels, "mnist:idx:/a"), 10, 0, cpu)
+    nudged.mean, nudged.std = ours.mean * (1 + 1e-7), ours.std * (1 - 1e-7)
+    assert nudged.fingerprint() == ours.fingerprint()
+
+    storage = open_storage(tiny_cfg)
+    study = open_study(tiny_cfg, ours, storage)
+    old = dict(study.user_attrs[keys.IDENTITY])
+    old["data.content"] = f"mnist:{ours.labels_fingerprint()}"  # as an earlier version stored it
+    study.set_user_attr(keys.IDENTITY, old)
+    with pytest.raises(UserError, match=r"data\.content"):
+        open_study(tiny_cfg, data.make_splits(data.Dataset(images, 9 - labels, "mnist:x"), 10, 0,
+                                              cpu), storage)  # other labels: still refused
+    study = open_study(tiny_cfg, ours, storage)  # resumes, and is upgraded
+    assert study.user_attrs[keys.IDENTITY]["data.content"] == f"mnist:{ours.fingerprint()}"
+    with pytest.raises(UserError, match=r"data\.content"):
+        open_study(tiny_cfg, other, storage)  # same labels, other pixels: refused now
+
+
+def test_the_cache_has_a_home_without_one(monkeypatch):
+    # A CI runner's user may have neither HOME nor a passwd entry: importing must still work.
+    monkeypatch.delenv("SWEEPER_CACHE", raising=False)
+
+    def no_home(self):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(data.Path, "expanduser", no_home)
+    assert data.cache_dir() == data.Path(tempfile.gettempdir()) / f"sweeper-cache-{os.getuid()}"
+    monkeypatch.undo()
+    monkeypatch.setenv("SWEEPER_CACHE", "/somewhere/else")
+    assert data.cache_dir() == data.Path("/somewhere/else")

@@ -118,6 +118,7 @@ def test_elastic_field_is_a_gaussian_blur_of_uniform_noise():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_augmentation_is_applied_to_training_batches_only():
     splits = data.make_splits(data.load(DataConfig(name="mnist_sample")), 1000, 0,
                               torch.device("cpu"))
@@ -145,6 +146,7 @@ def test_schedules():
     assert xs.index(max(xs)) == 30 and all(math.isfinite(v) for v in xs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["cnn", "resnet"])
 def test_family_study_end_to_end_then_export(tiny_cfg, tmp_path, family):
     import optuna
@@ -211,6 +213,7 @@ def test_report_compares_families_at_equal_size():
     assert families([r for r in rows if r.family == "mlp"]) == ""
 
 
+@pytest.mark.slow
 def test_family_by_size_study_and_its_report(tiny_cfg, tmp_path):
     from sweeper import report
     from sweeper.config import ParamSpec

@@ -130,6 +130,7 @@ def check_resumed(tmp_path: Path, interrupted: int) -> None:
     assert all(c.info.status == "FINISHED" for c in children if c not in killed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_trial_then_resume(tmp_path, sig):
     s = Sweep(tmp_path, *SLOW_SMOKE)
@@ -150,6 +151,7 @@ def test_interrupt_mid_trial_then_resume(tmp_path, sig):
     check_resumed(tmp_path, interrupted=1)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_trial_then_resume(tmp_path):
     s = Sweep(tmp_path, *SLOW_SMOKE)
     s.wait_for("[1/3] trial")
@@ -184,6 +186,7 @@ def diverge_on_build(monkeypatch, call: int, steps: int) -> None:
     monkeypatch.setattr(training, "build", poisoned)
 
 
+@pytest.mark.slow
 def test_divergence_fails_the_trial_with_a_reason_and_the_sweep_goes_on(tiny_cfg, monkeypatch):
     tiny_cfg.search.n_trials = 2
     diverge_on_build(monkeypatch, call=1, steps=10)
@@ -197,6 +200,7 @@ def test_divergence_fails_the_trial_with_a_reason_and_the_sweep_goes_on(tiny_cfg
     assert "diverged" in bad.data.tags[ERROR_TAG]
 
 
+@pytest.mark.slow
 def test_consecutive_failures_stop_the_sweep(tiny_cfg, monkeypatch):
     tiny_cfg.search.max_consecutive_failures = 2
 
@@ -213,6 +217,7 @@ def test_consecutive_failures_stop_the_sweep(tiny_cfg, monkeypatch):
     assert all(c.info.status == "FAILED" for c in children)
 
 
+@pytest.mark.slow
 def test_one_crashing_trial_does_not_stop_the_study(tiny_cfg, monkeypatch):
     fit, calls = training.fit, {"n": 0}
 
@@ -229,6 +234,7 @@ def test_one_crashing_trial_does_not_stop_the_study(tiny_cfg, monkeypatch):
     assert study.trials[0].user_attrs["error"] == "RuntimeError: boom"
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_curves(tiny_cfg, tmp_path):
     curves = []
     for i in range(2):
@@ -246,6 +252,7 @@ def test_same_config_and_seed_give_the_same_curves(tiny_cfg, tmp_path):
         assert max(abs(a - b) for a, b in zip(values, curves[1][key], strict=True)) <= 1e-6, key
 
 
+@pytest.mark.slow
 def test_existing_study_that_minimizes_is_refused(tiny_cfg):
     optuna.create_study(study_name="tiny", storage=tiny_cfg.search.storage, direction="minimize")
     with pytest.raises(UserError, match="minimizes its objective"):

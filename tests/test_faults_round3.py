@@ -220,3 +220,17 @@ def test_sigterm_during_a_population_names_the_members_it_failed(tmp_path):
     assert run.stop(signal.SIGTERM) == 130
     assert "interrupted: 0/3 trials finished and saved; 2 running trial(s) marked failed, to " \
         "run again first" in "".join(run.output)
+
+
+def test_a_damaged_exported_model_is_one_line(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.pt2").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 40)
+    Image.new("L", (60, 60), 255).save(tmp_path / "x.png")
+    result = subprocess.run([sys.executable, "-m", "sweeper.predict", "--model", "m", "x.png"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    # before: 13 lines of torch's logged traceback first
+    line = one_error_line(result)
+    assert "model.pt2: not a loadable exported model" in line

@@ -55,6 +55,7 @@ def test_front_is_pareto_optimal_and_keeps_its_weights(front_study):
     assert kept == numbers
 
 
+@pytest.mark.slow
 def test_table_shows_the_front_and_export_needs_a_point_of_it(front_study, capsys):
     cfg, study, tmp = front_study
     out = console.best_table(study)
@@ -156,3 +157,24 @@ def test_adding_objectives_to_a_single_objective_study_is_refused(tiny_cfg):
     with pytest.raises(UserError, match=r"optimizes val_acc \(maximize\); this run asks for "
                        r"val_acc \(maximize\), n_params \(minimize\)"):
         run_study(tiny_cfg)
+
+
+def test_objective_best_takes_every_objective_from_the_best_epoch():
+    """search.objective=best: val_acc, train_acc and the gap of one epoch, the best (before:
+    the best epoch's val_acc beside the last epoch's train_acc and gap)."""
+    from sweeper.config import Config
+
+    history = [{"val_acc": 0.90, "train_acc": 0.91, "gap": 0.01},
+               {"val_acc": 0.95, "train_acc": 0.97, "gap": 0.02},
+               {"val_acc": 0.94, "train_acc": 0.99, "gap": 0.05}]
+    cfg = Config()
+    cfg.search.objectives = {"val_acc": "maximize", "gap": "minimize",
+                             "train_acc": "maximize", "n_params": "minimize"}
+    cfg.search.objective = "best"
+    assert objectives.values(cfg, history, 7) == [0.95, 0.02, 0.97, 7]
+    cfg.search.objective = "final"
+    assert objectives.values(cfg, history, 7) == [0.94, 0.05, 0.99, 7]
+    cfg.search.objectives = {}
+    assert objectives.values(cfg, history, 7) == [0.94]
+    cfg.search.objective = "best"
+    assert objectives.values(cfg, history, 7) == [0.95]

@@ -83,6 +83,7 @@ def test_population_study_end_to_end(tiny_cfg: Config, tmp_path: Path, splits):
     assert acc == pytest.approx(best.user_attrs[VAL_ACC], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_grid_population_is_bucketed_by_shape(tiny_cfg: Config):
     tiny_cfg.search.sampler, tiny_cfg.search.pruner = "grid", "none"
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 4, 4
@@ -181,6 +182,7 @@ def test_cnn_member_step_matches_its_solo_step(splits):
             assert torch.allclose(state[key].to(v.dtype), v, atol=1e-6), (i, key)
 
 
+@pytest.mark.slow
 def test_cnn_member_trains_as_its_solo_trial(splits):
     specs = cnn_specs(3)
     pop = population.build_population(specs, splits)
@@ -203,6 +205,7 @@ def test_cnn_member_trains_as_its_solo_trial(splits):
     assert pop.history[0] != pop.history[2]
 
 
+@pytest.mark.slow
 def test_cnn_population_study_and_its_seed_repeats(tiny_cfg: Config, splits):
     tiny_cfg.model.family, tiny_cfg.model.depth, tiny_cfg.model.width = "cnn", 2, 4
     tiny_cfg.augment.name = "affine"
@@ -236,6 +239,7 @@ def test_cnn_population_study_and_its_seed_repeats(tiny_cfg: Config, splits):
             record[VAL_ACC], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_population_larger_than_memory_is_split(tiny_cfg: Config, monkeypatch):
     monkeypatch.setattr(population, "_MEMBER_BYTES", {})
     seen: list[int] = []
@@ -277,6 +281,7 @@ def test_member_memory_estimate_grows_with_what_it_holds(splits):
     assert population.member_bytes(spec, fewer) == small
 
 
+@pytest.mark.slow
 def test_later_populations_are_pruned_against_finished_trials(tiny_cfg: Config):
     """Members read the study through one snapshot per ask phase and per epoch: the pruner
     must still see the trials that finished before (here the first population)."""
@@ -326,6 +331,7 @@ def test_the_snapshot_storage_is_only_lent_for_the_ask(tiny_cfg: Config, monkeyp
     assert study._storage is real
 
 
+@pytest.mark.slow
 def test_a_population_writes_only_the_weights_it_keeps(tiny_cfg: Config, monkeypatch):
     saved: list[int] = []
     real = checkpoints.save
@@ -345,6 +351,7 @@ def test_a_population_writes_only_the_weights_it_keeps(tiny_cfg: Config, monkeyp
         assert Path(t.user_attrs[keys.CHECKPOINT]).is_file() == (t in best)
 
 
+@pytest.mark.slow
 def test_a_refused_metrics_write_fails_the_population(tiny_cfg: Config, monkeypatch):
     from sweeper.tracking import Tracker
 
@@ -364,6 +371,7 @@ def test_a_refused_metrics_write_fails_the_population(tiny_cfg: Config, monkeypa
     assert {t.user_attrs[EPOCHS_RUN] for t in study.trials} <= {1, 2}
 
 
+@pytest.mark.slow
 def test_a_refused_run_end_is_raised_after_every_member_is_told(tiny_cfg: Config, monkeypatch):
     """Run ends go through the population's background writer: a store that refuses them
     stops the study with its error, but only after Optuna has every member's result."""
@@ -381,6 +389,7 @@ def test_a_refused_run_end_is_raised_after_every_member_is_told(tiny_cfg: Config
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
+@pytest.mark.slow
 def test_member_runs_hold_params_metrics_and_end_in_order(tiny_cfg: Config):
     """Runs are made, and their params logged, on the background writer: each member's run
     has its own params, every epoch's metrics and its end state."""
@@ -415,6 +424,7 @@ def memory_for(monkeypatch, most: int, error: BaseException) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_population_runs_again_in_halves(tiny_cfg: Config, monkeypatch):
     """A population that runs out of memory despite the estimate: its trials fail saying so
     (not counted as failures in a row), their configurations are queued again, and they train
@@ -436,6 +446,7 @@ def test_an_out_of_memory_population_runs_again_in_halves(tiny_cfg: Config, monk
     assert [t.params for t in retried] == [t.params for t in failed]
 
 
+@pytest.mark.slow
 def test_a_population_of_two_out_of_memory_retries_one_by_one(tiny_cfg: Config, monkeypatch):
     sizes = memory_for(monkeypatch, 1, MemoryError())
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
@@ -445,6 +456,7 @@ def test_a_population_of_two_out_of_memory_retries_one_by_one(tiny_cfg: Config, 
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
 def test_runs_made_before_a_failing_build_are_ended(tiny_cfg: Config, monkeypatch, failure):
     """Member runs are made on the writer's thread while the population is built: when the
@@ -477,6 +489,7 @@ def test_runs_made_before_a_failing_build_are_ended(tiny_cfg: Config, monkeypatc
         assert all(r.data.params.get("lr") for r in runs)
 
 
+@pytest.mark.slow
 def test_out_of_memory_reruns_only_the_members_still_training(tiny_cfg: Config, monkeypatch):
     """A member that had diverged before the population ran out of memory keeps its own end
     (FAIL, diverged); only the others are queued again."""
@@ -504,6 +517,7 @@ def test_out_of_memory_reruns_only_the_members_still_training(tiny_cfg: Config, 
     assert [t.state.name for t in trials] == ["FAIL"] * 3 + ["COMPLETE"] * 3
 
 
+@pytest.mark.slow
 def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, monkeypatch):
     """Ctrl-C between an out-of-memory member's FAIL and its queueing: the next run queues
     that configuration again (it is not running, so nothing else would)."""

@@ -48,15 +48,16 @@ def rows(val_trend: float, gap_trend: float, n: int = 12) -> list[report.Row]:
         val = 0.97 + val_trend * i / n + 0.0001 * (i % 3)
         gap = 0.01 + gap_trend * i / n
         out.append(report.Row(i, "COMPLETE", 1 + i % 3, 32 * (1 + i), 0.05 * (i % 4), 1e-3,
-                              int(size), 5, val + gap, val, gap))
+                              int(size), 5, val + gap, val, gap, sampler="qmc"))
     return out
 
 
 def test_the_verdict_follows_the_numbers():
-    up = report.analyse("s", rows(+0.02, +0.01), {}, 0)
+    # (train accuracy rises by 0.8 points: the small networks fitted their training data)
+    up = report.analyse("s", rows(+0.005, +0.003), {}, 0)
     assert up.verdict.startswith("**Yes, bigger networks generalized better**")
     assert "gap grew with size" in up.verdict and up.effect_val.verdict == "bigger"
-    assert up.effect_val.estimate == pytest.approx(100 * 0.02 * 11 / 12, abs=0.1)
+    assert up.effect_val.estimate == pytest.approx(100 * 0.005 * 11 / 12, abs=0.1)
     down = report.analyse("s", rows(-0.02, -0.01), {}, 0)
     assert down.verdict.startswith("**No, bigger networks generalized worse**")
     assert "gap shrank with size" in down.verdict

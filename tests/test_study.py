@@ -135,6 +135,7 @@ def test_resume_knows_the_data_by_content_not_by_path(tiny_cfg):
         run_study(tiny_cfg, shuffled)
 
 
+@pytest.mark.slow
 def test_every_sampler_runs_a_study(tiny_cfg):
     tiny_cfg.trainer.max_epochs = 1
     for sampler in ("tpe", "random", "qmc", "cmaes"):
@@ -145,6 +146,7 @@ def test_every_sampler_runs_a_study(tiny_cfg):
         assert len({t.params["width"] for t in study.trials}) == 2, sampler  # it sampled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruner", ["median", "percentile", "successive_halving", "hyperband"])
 def test_each_pruner_stops_a_hopeless_trial(tiny_cfg, pruner):
     """Sound trials, then one whose learning rate cannot learn: the pruner stops it before its

@@ -99,6 +99,7 @@ def test_other_overrides_pass_through_unchanged():
     assert sweep_grammar.rewrite(args) == args
 
 
+@pytest.mark.slow
 def test_grammar_runs_a_study_from_the_command_line(tmp_path):
     result = sweep(tmp_path, "+experiment=smoke", "search.n_trials=1", "trainer.max_epochs=1",
                    "search.space.depth=choice(1)", "search.space.width=range(16,32,step=16)",

@@ -24,6 +24,8 @@ from tests.postgres import free_port
 from tests.test_faults import Sweep, wait_for_state
 from tests.test_study import runs
 
+pytestmark = pytest.mark.slow  # every test here: PostgreSQL and worker processes
+
 BAD = ("database is locked", "IntegrityError", "UniqueViolation", "Traceback")
 
 
