@@ -451,22 +451,28 @@ class Ledger:
                                         Mapping[str, Any], bool]]) -> list[FrozenTrial | None]:
         """tell() for each (trial, state, values, attrs, run_again), the attributes of all of
         them in one write."""
-        try:
-            refused = self._write({t: a for t, _, _, a, _ in ends}, {}, 0, [])
-            return [None if t.number in refused else self._tell(t, state, values, run_again)
-                    for t, state, values, _, run_again in ends]
-        finally:
-            for t, *_ in ends:
+        refused = self._write({t: a for t, _, _, a, _ in ends}, {}, 0, [])
+        out: list[FrozenTrial | None] = []
+        for t, state, values, _, run_again in ends:
+            if t.number in refused:
                 self._unhold(t)
+                out.append(None)
+            else:
+                out.append(self._tell(t, state, values, run_again))
+        return out
 
     def _tell(self, trial: optuna.Trial, state: TrialState, values: list[float] | None,
               run_again: bool) -> FrozenTrial | None:
+        # A trial is held until it is told, and no longer: an interrupt part-way through a
+        # population's ends leaves the untold members held, so that they are released.
         try:  # values: COMPLETE, or FAIL when Optuna finds them infeasible (NaN)
             told = self.study.tell(trial, values, state=None if values is not None else state)
         except (UpdateFinishedTrialError, ValueError):
             if frozen(self.study, trial).state.is_finished():  # ended by another worker
+                self._unhold(trial)
                 return None
             raise
+        self._unhold(trial)
         if run_again:  # (one lost between the two: requeue_lost_splits at the next start)
             self.requeue(trial)
         return told  # the trial as stored (tell reads it back)

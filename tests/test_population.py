@@ -539,6 +539,10 @@ def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, mo
     first = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage).trials
     assert keys.SPLIT_AFTER_OOM in first[0].user_attrs  # told FAIL, never queued
     assert not any(t.user_attrs.get(keys.RETRY_OF) == 0 for t in first)
+    # The member not yet told was released, not left RUNNING until another start found it dead
+    # (before: the interrupted tell_all stopped holding it; the next start waited out the grace).
+    assert first[1].state == optuna.trial.TrialState.FAIL
+    assert [t.user_attrs.get(keys.RETRY_OF) for t in first[2:]] == [1]  # queued again
     monkeypatch.setattr(population, "_OOM_CAP", {})  # a new process
     study = run_study(tiny_cfg)
     retries = {t.user_attrs.get(keys.RETRY_OF): t for t in study.trials}
