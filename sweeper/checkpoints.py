@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial
 
 from lightning_modules.metrics import TRAIN_ACC, VAL_ACC
 from lightning_modules.models import Architecture, build_model
-from sweeper import keys, objectives
+from sweeper import keys, objectives, repeat_records
 from sweeper.config import Config
 from sweeper.data import Splits
 from sweeper.errors import DiskFull, UserError, disk_full
@@ -142,8 +142,7 @@ def seeds_for_new_weights(study: optuna.Study, number: int, more: int) -> int:
     k = 0
     while more > 0:
         k += 1
-        record = study.user_attrs.get(f"{keys.REPEAT}.{number}.{k}")
-        if not (isinstance(record, dict) and (VAL_ACC in record or keys.DIVERGED in record)):
+        if not repeat_records.done(study.user_attrs.get(repeat_records.key(number, k))):
             more -= 1
     return k + 1
 

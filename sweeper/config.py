@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
 from sweeper.errors import UserError
 from sweeper.keys import N_PARAMS
+from sweeper.params import INTEGER_PARAMS, SEARCHABLE
 
 DATASETS = ("mnist", "mnist_sample", "fashion_mnist", "kaggle")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "nsga2")
@@ -33,16 +34,8 @@ TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # also the default of export/report --storage
 DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"  # Optuna storages whose study lock we implement
 
-# Where a searched parameter lands: model architecture or training recipe.
-MODEL_PARAMS = ("family", "size", "depth", "width", "dropout", "kernel", "channel_mult",
-                "batch_norm")
-TRAINER_PARAMS = ("lr", "batch_size", "weight_decay", "label_smoothing")
-# Scales augment's rotate, translate, scale and elastic_alpha (1: as configured; 0: none).
-AUGMENT_PARAMS = ("augment_strength",)
 PRECISIONS = ("32", "tf32", "bf16")
 POPULATION_FAMILIES = ("mlp", "cnn")  # families with a batched population form
-SEARCHABLE = MODEL_PARAMS + TRAINER_PARAMS + AUGMENT_PARAMS
-INTEGER_PARAMS = ("size", "depth", "width", "kernel", "batch_size")
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
-from sweeper import objectives
+from lightning_modules.metrics import EPOCHS_RUN, GAP, TRAIN_ACC, VAL_ACC
+from sweeper import keys, objectives
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 
 LIVE = sys.stderr.isatty()
@@ -56,14 +56,14 @@ def clear_live() -> None:
 def trial_line(t: FrozenTrial, done: int, target: int) -> None:
     clear_live()
     a = t.user_attrs
-    n_params = a.get("n_params")
+    n_params = a.get(keys.N_PARAMS)
     gap = a.get(GAP)
     print(f"[{done}/{target}] trial {t.number:3d} {t.state.name:8s} {fmt_params(t.params)} | "
           f"{n_params if n_params is None else format(n_params, ',')} params | "
-          f"{a.get('epochs_run', 0)} ep | train {pct(a.get(TRAIN_ACC))} val {pct(a.get(VAL_ACC))} "
+          f"{a.get(EPOCHS_RUN, 0)} ep | train {pct(a.get(TRAIN_ACC))} val {pct(a.get(VAL_ACC))} "
           f"gap {'   -' if gap is None else f'{100 * gap:+.2f}'} | "
-          f"{a.get('seconds', 0):.1f}s"
-          + (f" | {a['error']}" if t.state == TrialState.FAIL and a.get("error") else ""),
+          f"{a.get(keys.SECONDS, 0):.1f}s"
+          + (f" | {a[keys.ERROR]}" if t.state == TrialState.FAIL and a.get(keys.ERROR) else ""),
           flush=True)
 
 
@@ -81,7 +81,7 @@ def best_table(study: optuna.Study, k: int = 5) -> str:
     for t in shown:
         a = t.user_attrs
         rows.append([str(t.number), *(fmt_value(t.params.get(n, "")) for n in names),
-                     f"{a.get('n_params', 0):,}", str(a.get("epochs_run", "")),
+                     f"{a.get(keys.N_PARAMS, 0):,}", str(a.get(EPOCHS_RUN, "")),
                      pct(a.get(TRAIN_ACC)).strip(), pct(a.get(VAL_ACC)).strip(),
                      f"{100 * a.get(GAP, 0):+.2f}", *([pct(t.value).strip()] if not multi
                                                       else [])])

@@ -48,7 +48,7 @@ from lightning_modules.metrics import (
     TRAIN_LOSS,
     VAL_ACC,
 )
-from sweeper import faultpoints, objectives, stores
+from sweeper import faultpoints, objectives, repeat_records, stores
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
 from sweeper.errors import UserError, one_line
 
@@ -201,7 +201,7 @@ def measure(meta: dict[str, Any], model: nn.Module, nets: Sequence[nn.Module], s
             picture: Path | None) -> None:
     """Accuracy of the exported model (and each ensemble member) on the study's validation
     images, and on the test set where the study measured it; into meta["metrics"]."""
-    from sweeper import data, keys
+    from sweeper import data
 
     # validation images back to uint8 pixels for the picture and the model's contract
     val = ((splits.x_val[:, 0].cpu() * splits.std + splits.mean) * 255).round()
@@ -223,7 +223,7 @@ def measure(meta: dict[str, Any], model: nn.Module, nets: Sequence[nn.Module], s
         predictions_png(picture, images, labels, probs, truth, "validation")
     # Measured on the test set only where the study already measured every member's trial
     # there (confirm.test): the export adds no new look at it to a study that made none.
-    tested = all(TEST_ACC in study.user_attrs.get(f"{keys.REPEAT}.{m.trial.number}.0", {})
+    tested = all(TEST_ACC in study.user_attrs.get(repeat_records.key(m.trial.number, 0), {})
                  for m in members)
     test = data.load_test(cfg.data, splits) if tested else None
     if test is not None:

@@ -32,6 +32,10 @@ CLAIMED_BY, CLAIM_BEAT = "worker", "beat"  # a repeat being trained, and when it
 DIVERGED = "diverged"  # the repeat ended in NaN/inf: excluded from means, reported as such
 RUN_ID, SEED = "run_id", "seed"
 
+# MLflow params of the study's parent run that the report reads back (with others, study.py).
+SAMPLER_PARAM, PRUNER_PARAM = "sampler", "pruner"
+TRAIN_SIZE_PARAM, VAL_SIZE_PARAM = "train_size", "val_size"
+
 # MLflow run tags.
 ROLE_TAG = "sweeper.role"  # parent | trial | repeat
 REPEAT_TAG = "sweeper.repeat"  # seed index of a repeat run (the trial itself is 0)

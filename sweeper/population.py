@@ -16,12 +16,11 @@ batched model itself is lightning_modules/population.py.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -45,25 +44,20 @@ from sweeper import (
     console,
     faultpoints,
     keys,
-    liveness,
+    ledger,
     objectives,
+    params,
+    samplers,
     search_space,
     training,
-    trial_writes,
 )
 from sweeper.batches import PopulationGroups
 from sweeper.config import POPULATION_FAMILIES, Config
 from sweeper.data import Splits
 from sweeper.errors import UserError, one_line
-from sweeper.outcome import conclude
+from sweeper.ledger import Ledger
+from sweeper.outcome import conclude_all, ending
 from sweeper.tracking import BackgroundWrites, Tracker
-
-# Params every member of a population shares: the weight shapes and the batch size.
-SHARED = ("depth", "width", "size", "batch_size", "kernel", "batch_norm", "channel_mult")
-
-
-def shared_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k in SHARED or k.startswith("width_")}
 
 
 def ask(study: optuna.Study, cfg: Config, size: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
@@ -76,66 +70,26 @@ def ask(study: optuna.Study, cfg: Config, size: int) -> list[tuple[optuna.Trial,
     sampler = study.sampler
     asked: list[tuple[optuna.Trial, dict[str, Any]]] = []
     try:
-        with snapshot_reads(study) as reads:
+        with ledger.snapshot(study) as reads:
             for _ in range(size):
                 if asked and s.sampler != "grid":
                     study.sampler = optuna.samplers.PartialFixedSampler(
-                        shared_params(asked[0][1]), sampler)
+                        params.shared(asked[0][1]), sampler)
                 trial = study.ask()
                 asked.append((trial, search_space.suggest(trial, s.space, cfg.model.depth)))
-                reads.add(trial._trial_id)
+                reads.add(trial)
     finally:
         study.sampler = sampler
-        for trial, _ in asked:
-            trial.storage = study._storage
     return asked
 
 
-@contextlib.contextmanager
-def snapshot_reads(study: optuna.Study) -> Iterator[_SnapshotReads]:
-    """Within the block, the study's trial list is read once (plus trials added to it).
-    Optuna's cached RDB storage re-reads every unfinished trial on each get_all_trials, and
-    ask() (TPE with constant liar) and should_prune() (median pruner) read the list once per
-    trial: N members made that O(N^2) rows per population and per epoch (asking 256 tiny MLPs
-    took 48 s of a 111 s study on the CPU; 6 s now). Writes go through to the storage."""
-    storage = study._storage
-    reads = _SnapshotReads(storage, study._study_id)
-    study._storage = reads  # type: ignore[assignment]
-    try:
-        yield reads
-    finally:
-        study._storage = storage
-
-
-class _SnapshotReads:
-    def __init__(self, storage: Any, study_id: int):
-        self._storage, self._study_id = storage, study_id
-        self._trials = {t._trial_id: t for t in storage.get_all_trials(study_id, deepcopy=False)}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._storage, name)
-
-    def add(self, trial_id: int) -> None:
-        # A storage read, not the Trial's own copy: samplers write system attrs the copy
-        # lacks (GridSampler's grid_id, which the next member must see as taken).
-        self._trials[trial_id] = self._storage.get_trial(trial_id)
-
-    def get_all_trials(self, study_id: int, deepcopy: bool = True,
-                       states: Any = None) -> list[optuna.trial.FrozenTrial]:
-        if study_id != self._study_id:
-            return self._storage.get_all_trials(study_id, deepcopy, states)
-        trials = sorted(self._trials.values(), key=lambda t: t.number)
-        if states is not None:
-            trials = [t for t in trials if t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
-
-
-def run(study: optuna.Study, asked: list[tuple[optuna.Trial, dict[str, Any]]], cfg: Config,
+def run(book: Ledger, asked: list[tuple[optuna.Trial, dict[str, Any]]], cfg: Config,
         splits: Splits, tracker: Tracker, parent: str) -> list[optuna.trial.FrozenTrial]:
     """Train the asked trials, one population per shape; tell Optuna each member's end. An
     interrupt or an error outside the members' training leaves the untold members RUNNING for
-    the study loop to release."""
-    specs = [training.resolve(cfg, params, trial.number) for trial, params in asked]
+    the study loop to release. Members waiting for their part stay held, and so alive, in the
+    ledger's heartbeat."""
+    specs = [training.resolve(cfg, p, trial.number) for trial, p in asked]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, spec in enumerate(specs):
         groups.setdefault(shape_key(spec), []).append(i)
@@ -146,7 +100,7 @@ def run(study: optuna.Study, asked: list[tuple[optuna.Trial, dict[str, Any]]], c
         for part in split(rows, capacity(specs[rows[0]], splits) if len(rows) > 1 else 1):
             # After an out-of-memory the cap is lower: the rest is trained smaller too.
             for sub in split(part, capacity(specs[rows[0]], splits) if len(part) > 1 else 1):
-                done += _train(study, [members[i] for i in sub], cfg, splits, tracker, parent)
+                done += _train(book, [members[i] for i in sub], cfg, splits, tracker, parent)
     return done
 
 
@@ -253,8 +207,9 @@ class Member:
     error: str | None = None
 
 
-def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Splits,
+def _train(book: Ledger, members: list[Member], cfg: Config, splits: Splits,
            tracker: Tracker, parent: str) -> list[optuna.trial.FrozenTrial]:
+    study = book.study
     specs = [m.spec for m in members]
     t0 = time.perf_counter()
     module = None
@@ -275,15 +230,14 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
                 m.error = f"diverged: {bad[0]}={metrics[bad[0]]} at epoch {epoch}"
                 stop.add(i)
         writes.raise_if_failed()  # a refused write stops the population now
-        if not objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
+        if samplers.prunes(cfg):  # else no pruner would read the epoch's values
             # Median and percentile compare with finished trials only: one read of them for all
             # members. Halving's rungs also hold other running members' values: read live.
-            reads = snapshot_reads(study) if cfg.search.pruner in ("median", "percentile") \
+            reads = ledger.snapshot(study) if cfg.search.pruner in ("median", "percentile") \
                 else contextlib.nullcontext()
             with reads:
                 going = {i: members[i] for i in latest if i not in stop}
-                trial_writes.report({m.trial: latest[i][VAL_ACC] for i, m in going.items()},
-                                    epoch)
+                book.report({m.trial: latest[i][VAL_ACC] for i, m in going.items()}, epoch)
                 for i, m in going.items():
                     if m.trial.should_prune():
                         m.pruned = True
@@ -295,27 +249,24 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
 
     try:
         try:
-            with liveness.Heartbeat(study, [m.trial for m in members],
-                                    cfg.search.heartbeat_interval_s):
-                n_params = count_params(build_model(specs[0].arch, splits.in_shape,
-                                                    splits.n_classes))
-                for m in members:  # a loop: on Ctrl-C, runs holds every run asked for
-                    runs.append(writes.start_trial(
-                        parent, m.trial.number,
-                        m.spec.mlflow_params() | {keys.N_PARAMS: n_params,
-                                                  keys.POPULATION: len(members)},
-                        {keys.DATA_TAG: splits.source}))
-                module = build_population(specs, splits)  # while the runs are made
-                for m, run in zip(members, runs, strict=True):
-                    m.run_id = run.result()
-                faultpoints.reached("population-runs-made")
-                trial_writes.set_user_attrs({m.trial: {keys.N_PARAMS: n_params,
-                                                       keys.MLFLOW_RUN_ID: m.run_id,
-                                                       keys.POPULATION: len(members)}
-                                             for m in members})
-                stored = True
-                fit_population(module, specs, splits, on_epoch)
-                writes.wait()  # a store that refused a write fails the population
+            n_params = count_params(build_model(specs[0].arch, splits.in_shape,
+                                                splits.n_classes))
+            for m in members:  # a loop: on Ctrl-C, runs holds every run asked for
+                runs.append(writes.start_trial(
+                    parent, m.trial.number,
+                    m.spec.mlflow_params() | {keys.N_PARAMS: n_params,
+                                              keys.POPULATION: len(members)},
+                    {keys.DATA_TAG: splits.source}))
+            module = build_population(specs, splits)  # while the runs are made
+            for m, run in zip(members, runs, strict=True):
+                m.run_id = run.result()
+            faultpoints.reached("population-runs-made")
+            # A member that refuses (another worker ended it) trains on; its conclude says so.
+            book.set_attrs({m.trial: {keys.N_PARAMS: n_params, keys.MLFLOW_RUN_ID: m.run_id,
+                                      keys.POPULATION: len(members)} for m in members})
+            stored = True
+            fit_population(module, specs, splits, on_epoch)
+            writes.wait()  # a store that refused a write fails the population
         except BaseException as e:
             interrupted = not isinstance(e, Exception)
             # Queued metrics are dropped (on Ctrl-C the runs not yet made too); the runs
@@ -347,23 +298,22 @@ def _train(study: optuna.Study, members: list[Member], cfg: Config, splits: Spli
             if cfg.debug:
                 traceback.print_exc()
         seconds = time.perf_counter() - t0
-        if retried:  # marked before the FAIL is told, so no reader counts it as a failure
-            trial_writes.set_user_attrs({members[i].trial: {keys.SPLIT_AFTER_OOM: retry_cap}
-                                         for i in retried})
         nets: dict[int, torch.nn.Module] = {}
         if module is not None:
             for i, m in enumerate(members):
                 if i in module.active and m.error is None:
                     nets[i] = member_net(module, i, m.spec, splits)
         save = _worth_saving(study, cfg, members, module, nets)
-        done = []
-        for i, m in enumerate(members):
-            history = module.history[i] if module is not None else []
-            # The MLflow run ends on the writer's thread, behind the member's other writes.
-            done.append(conclude(study, m.trial, cfg, splits, writes, m.run_id, m.spec.arch,
-                                 history, nets.get(i), m.pruned, m.error, seconds,
-                                 save_weights=i in save, drop_weights=False,
-                                 run_again=i in retried))
+        # All members' attributes in one write, each told after it; a member split after an
+        # out of memory is marked so before its FAIL is told (no reader counts it a failure).
+        ends = [ending(m.trial, cfg, splits, m.run_id, m.spec.arch,
+                       module.history[i] if module is not None else [], nets.get(i),
+                       m.pruned, m.error, seconds, save_weights=i in save,
+                       run_again=i in retried,
+                       attrs={keys.SPLIT_AFTER_OOM: retry_cap} if i in retried else None)
+                for i, m in enumerate(members)]
+        # The MLflow runs end on the writer's thread, behind each member's other writes.
+        done = conclude_all(book, cfg, writes, ends, drop_weights=False)
         if retried:
             module = None
             if splits.x_train.device.type == "cuda":  # the failed population's cached blocks

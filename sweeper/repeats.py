@@ -2,31 +2,40 @@
 `confirm.top_k` configurations and a ladder of `confirm.ladder` sizes are re-trained so that each
 has `confirm.seeds` runs in all (the trial itself is seed 0). Each repeat is an MLflow child run
 (tag sweeper.role=repeat) trained with the trial's own recipe, and its final metrics are stored
-on the study (keys.REPEAT.N.K), where the report finds them. Re-running skips repeats already
-done; concurrent workers split them: a worker claims a repeat and renews its claim while it
-trains, and a claim whose worker is gone (dead here, or silent for search.heartbeat_grace_s) is
-taken over. A repeat that diverges is recorded as diverged and left out of every mean.
+on the study (keys.REPEAT.N.K), where the report finds them (repeat_records.py reads them).
+Re-running skips repeats already done; concurrent workers split them: a worker claims a repeat
+and the ledger's heartbeat renews the claim while it trains; a claim whose worker is gone (dead
+here, or silent for search.heartbeat_grace_s on the database's clock) is taken over, and a
+result, once there, stands (ledger.py). A repeat that diverges is recorded as diverged and left
+out of every mean.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import checkpoints, data, keys, liveness, objectives, population, recipe, training
+from sweeper import (
+    checkpoints,
+    data,
+    keys,
+    objectives,
+    population,
+    recipe,
+    repeat_records,
+    training,
+)
 from sweeper.config import POPULATION_FAMILIES, Config
 from sweeper.data import Splits
 from sweeper.errors import one_line
-from sweeper.study_lock import StudyLock
+from sweeper.ledger import Ledger
 from sweeper.tracking import Tracker
 
 
@@ -49,56 +58,8 @@ def choose(study: optuna.Study, top_k: int, ladder: int) -> list[FrozenTrial]:
     return sorted(picked.values(), key=lambda t: t.user_attrs[keys.N_PARAMS])
 
 
-def results(study: optuna.Study) -> dict[int, list[dict[str, float]]]:
-    """trial number -> final metrics of every seed (the trial's own first), finished runs only."""
-    out: dict[int, list[dict[str, float]]] = {}
-    attrs = study.user_attrs
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        # Diverged and unfinished repeats have no metrics (older studies stored NaN instead).
-        reps = [attrs[k] for k in sorted(attrs) if k.startswith(f"{keys.REPEAT}.{t.number}.")
-                and _finite(attrs[k])]
-        own_test = attrs.get(f"{keys.REPEAT}.{t.number}.0", {})  # the trial's own test accuracy
-        if reps or own_test:
-            own = {m: t.user_attrs[m] for m in (TRAIN_ACC, VAL_ACC, GAP)} | {keys.SEED: 0}
-            out[t.number] = [own | own_test, *reps]
-    return out
-
-
-def _finite(record: dict[str, Any]) -> bool:
-    return all(isinstance(record.get(m), int | float) and math.isfinite(record[m])
-               for m in (TRAIN_ACC, VAL_ACC, GAP))
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def diverged(study: optuna.Study) -> dict[int, int]:
-    """trial number -> how many of its seed repeats diverged (NaN/inf)."""
-    out: dict[int, int] = {}
-    for k, v in study.user_attrs.items():
-        if k.startswith(f"{keys.REPEAT}.") and isinstance(v, dict) and (
-                keys.DIVERGED in v or (VAL_ACC in v and not _finite(v))):
-            number = int(k.split(".")[2])
-            out[number] = out.get(number, 0) + 1
-    return out
-
-
-def _taken(have: dict[str, Any] | None, grace_s: float) -> bool:
-    """Done (metrics or diverged), or claimed by a worker that is still alive."""
-    if not have:
-        return False
-    if VAL_ACC in have or keys.DIVERGED in have:
-        return True
-    return liveness.claim_is_live(have, grace_s)
-
-
-def _claim(study: optuna.Study, key: str, worker: str) -> None:
-    study.set_user_attr(key, {keys.CLAIMED_BY: worker, keys.CLAIM_BEAT: time.time()})
-
-
-def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, parent: str,
-        lock: StudyLock) -> None:
+def run(book: Ledger, cfg: Config, splits: Splits, tracker: Tracker, parent: str) -> None:
+    study = book.study
     c = cfg.confirm
     if c.seeds < 2 and not c.test:
         return
@@ -109,26 +70,24 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
     best = {t.number for t in choose(study, c.top_k, 0)}  # only these meet the test set
     if test is not None:
         for t in chosen:
-            key = f"{keys.REPEAT}.{t.number}.0"
+            key = repeat_records.key(t.number, 0)
             if t.number in best and key not in study.user_attrs:
                 path = Path(t.user_attrs.get(keys.CHECKPOINT, ""))
                 if path.is_file():
                     net, _ = checkpoints.load(path)
-                    study.set_user_attr(key, {TEST_ACC: training.accuracy(net, *test)})
-    grace = cfg.search.heartbeat_grace_s
+                    book.finish(key, {TEST_ACC: training.accuracy(net, *test)})
     todo = [(t, k) for t in chosen for k in range(1, c.seeds)]
     # A resume (say with more seeds) trains only the repeats not done yet: say how many.
-    attrs = study.user_attrs  # one storage read, not one per repeat
-    left = sum(not _taken(attrs.get(f"{keys.REPEAT}.{t.number}.{k}"), grace) for t, k in todo)
+    left = len(book.left([repeat_records.key(t.number, k) for t, k in todo]))
     print(f"\nconfirming {len(chosen)} configurations (top {c.top_k}"
           + (f" + a ladder of {c.ladder} sizes" if c.ladder else "")
           + f") with {c.seeds} seeds each: {len(todo)} repeat runs"
           + (f", {left} still to train" if left < len(todo) else ""), flush=True)
     size = cfg.search.population
     for t in chosen:
-        ks = [k for k in range(1, c.seeds)  # claimed again under the lock below
-              if not _taken(study.user_attrs.get(f"{keys.REPEAT}.{t.number}.{k}"), grace)]
-        if not ks:
+        free = set(book.left([repeat_records.key(t.number, k) for k in range(1, c.seeds)]))
+        ks = [k for k in range(1, c.seeds) if repeat_records.key(t.number, k) in free]
+        if not ks:  # (claimed below, compare-and-set: another worker may be quicker)
             continue
         spec = training.resolve(recipe.of_trial(study, t), t.params, t.number)
         # search.population > 1: a trial's repeats train together, that many at a time.
@@ -137,58 +96,50 @@ def run(study: optuna.Study, cfg: Config, splits: Splits, tracker: Tracker, pare
             step = min(size, population.capacity(spec, splits))
             population.slow_here(spec, splits)
         for i in range(0, len(ks), step):
-            claimed = []
-            with lock():  # claim them: workers finishing together split the repeats
-                for k in ks[i:i + step]:
-                    key = f"{keys.REPEAT}.{t.number}.{k}"
-                    if not _taken(study.user_attrs.get(key), grace):  # read from the storage
-                        _claim(study, key, liveness.this_worker())
-                        claimed.append(k)
+            # workers finishing together split the repeats
+            mine = set(book.claim([repeat_records.key(t.number, k) for k in ks[i:i + step]]))
+            claimed = [k for k in ks[i:i + step] if repeat_records.key(t.number, k) in mine]
             if claimed:
-                _train_claimed(study, t, claimed, splits, tracker, parent, test, best, cfg)
-    bad = diverged(study)
-    for number, runs in sorted(results(study).items()):
-        val, gap = (mean_std([r[m] for r in runs]) for m in (VAL_ACC, GAP))
+                _train_claimed(book, t, claimed, splits, tracker, parent, test, best)
+    bad = repeat_records.diverged(study)
+    for number, runs in sorted(repeat_records.results(study).items()):
+        val, gap = (repeat_records.mean_std([r[m] for r in runs]) for m in (VAL_ACC, GAP))
         tests = [r[TEST_ACC] for r in runs if TEST_ACC in r]
         test_s = ""
         if tests:
-            tm, ts = mean_std(tests)
+            tm, ts = repeat_records.mean_std(tests)
             test_s = f" | test {100 * tm:.2f} ± {100 * ts:.2f} ({len(tests)} seeds)"
         div = f", {bad[number]} diverged" if bad.get(number) else ""
         print(f"  trial {number:3d}: val {100 * val[0]:.2f} ± {100 * val[1]:.2f} | gap "
               f"{100 * gap[0]:+.2f} ± {100 * gap[1]:.2f} ({len(runs)} seeds{div}){test_s}")
 
 
-def _train_claimed(study: optuna.Study, t: FrozenTrial, ks: list[int], splits: Splits,
+def _train_claimed(book: Ledger, t: FrozenTrial, ks: list[int], splits: Splits,
                    tracker: Tracker, parent: str, test: tuple[torch.Tensor, torch.Tensor] | None,
-                   best: set[int], cfg: Config) -> None:
-    """Train the claimed seeds ks of trial t (one population when several), renewing the
-    claims while they train; record and print each."""
-    keys_ = [f"{keys.REPEAT}.{t.number}.{k}" for k in ks]
-
-    def renew() -> None:
-        for key in keys_:
-            _claim(study, key, liveness.this_worker())
-
+                   best: set[int]) -> None:
+    """Train the claimed seeds ks of trial t (one population when several; the ledger's
+    heartbeat renews the claims meanwhile); record and print each."""
+    study = book.study
+    names = [repeat_records.key(t.number, k) for k in ks]
     own = Path(t.user_attrs.get(keys.CHECKPOINT, ""))
     keep = {k: checkpoints.repeat_path(own, k) if t.number in best and own.is_file() else None
             for k in ks}
     tested = test if t.number in best else None
     try:
-        with liveness.Every(cfg.search.heartbeat_interval_s, renew):
-            if len(ks) == 1:
-                records = {ks[0]: train_one(study, t, ks[0], splits, tracker, parent, tested,
-                                            keep[ks[0]])}
-            else:
-                records = train_together(study, t, ks, splits, tracker, parent, tested, keep)
+        if len(ks) == 1:
+            records = {ks[0]: train_one(study, t, ks[0], splits, tracker, parent, tested,
+                                        keep[ks[0]])}
+        else:
+            records = train_together(study, t, ks, splits, tracker, parent, tested, keep)
     except (KeyboardInterrupt, SystemExit):
-        for key in keys_:
-            study.set_user_attr(key, {})  # unclaimed: the next run trains it
+        book.unclaim(names)  # the next run trains them
         raise
     for k, result in records.items():
-        study.set_user_attr(f"{keys.REPEAT}.{t.number}.{k}", result)
         head = f"  trial {t.number:3d} seed {k}: {t.user_attrs[keys.N_PARAMS]:,} params | "
-        if keys.ERROR in result:
+        if not book.finish(repeat_records.key(t.number, k), result):
+            print(f"{head}another worker recorded this repeat first; its result stands",
+                  flush=True)
+        elif keys.ERROR in result:
             print(f"{head}FAILED ({result[keys.ERROR]}); the next run tries it again", flush=True)
         elif keys.DIVERGED in result:
             print(f"{head}diverged ({result[keys.DIVERGED]}): left out of the means",

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_modules.metrics import GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
-from sweeper import keys, objectives, repeats, size_effect, stats, stores
+from lightning_modules.metrics import EPOCHS_RUN, GAP, TEST_ACC, TRAIN_ACC, VAL_ACC
+from sweeper import keys, objectives, repeat_records, size_effect, stats, stores
 from sweeper.config import DEFAULT_STORAGE, DEFAULT_TRACKING
 from sweeper.errors import UserError, one_line
 
@@ -51,7 +51,7 @@ class Row:
     def mean_std(self, metric: str) -> tuple[float, float]:
         if len(self.seeds) < 2:
             return getattr(self, metric), 0.0
-        return repeats.mean_std([s[metric] for s in self.seeds])
+        return repeat_records.mean_std([s[metric] for s in self.seeds])
 
 
 @dataclass
@@ -90,14 +90,14 @@ def rows_of(study: Any, include_pruned: bool) -> tuple[list[Row], int]:
         rows.append(Row(t.number, t.state.name, depth, int(max(widths)),
                         float(p.get("dropout", model.get("dropout", 0.0))),
                         float(p.get("lr", trainer.get("lr", 0.0))), int(a[keys.N_PARAMS]),
-                        int(a.get("epochs_run", 0)), float(a[TRAIN_ACC]), float(a[VAL_ACC]),
+                        int(a.get(EPOCHS_RUN, 0)), float(a[TRAIN_ACC]), float(a[VAL_ACC]),
                         float(a[GAP]), a.get(keys.MLFLOW_RUN_ID),
                         family, extra={k: v for k, v in p.items() if k not in COVARIATES
                                        and not k.startswith("width")},
                         logs=frozenset(k for k, d in t.distributions.items()
                                        if getattr(d, "log", False)),
                         sampler=a.get(keys.DESIGN, {}).get("sampler")))
-    seeds = repeats.results(study)
+    seeds = repeat_records.results(study)
     for r in rows:
         r.seeds = seeds.get(r.number, [])
     return sorted(rows, key=lambda r: r.n_params), 0 if include_pruned else pruned
@@ -260,7 +260,7 @@ def table(rows: list[Row]) -> str:
                                                       if len(r.seeds) > 1 else ""))
         if with_test:
             tests = [s[TEST_ACC] for s in r.seeds if TEST_ACC in s]
-            mean, std = repeats.mean_std(tests) if tests else (math.nan, 0.0)
+            mean, std = repeat_records.mean_std(tests) if tests else (math.nan, 0.0)
             cells.append("-" if not tests else f"{100 * mean:.2f}" + (
                 f" ± {100 * std:.2f} ({len(tests)} seeds)" if len(tests) > 1 else ""))
         lines.append(("| " + r.family + " " if with_family else "")
@@ -589,7 +589,8 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
         parent = parent_run(tracking_uri, study_name)
         if parent is not None:
             setup |= {k: parent.data.params.get(k, "?")
-                      for k in ("train_size", "val_size", "sampler", "pruner")}
+                      for k in (keys.TRAIN_SIZE_PARAM, keys.VAL_SIZE_PARAM,
+                                keys.SAMPLER_PARAM, keys.PRUNER_PARAM)}
             setup["data"] = parent.data.tags.get(keys.DATA_TAG, setup["data"])
         fetch_curves(rows, tracking_uri)
     rep = analyse(study_name, rows, setup, excluded, margin)

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import objectives, search_space
+from sweeper import ledger, objectives, search_space
 from sweeper.config import Config
 
 
@@ -23,14 +23,13 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
     inside optimize(): our loop stops at the grid size."""
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        storage = study._storage
         fixed = trial.system_attrs.get("fixed_params")
         if fixed is not None:
             grid_id = self._point_of(fixed)
         else:
             taken: set[int] = set()
             failures: dict[int, int] = {}
-            for t in storage.get_all_trials(study._study_id, deepcopy=False):
+            for t in study.get_trials(deepcopy=False):
                 point = self._point(t)
                 if point is None or t.number == trial.number:
                     continue
@@ -46,8 +45,8 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
             grid_id = ordered[0] if ordered else None
         if grid_id is None:  # every point is done or being done; Optuna would stop here
             grid_id = int(self._rng.rng.choice(len(self._all_grids)))
-        storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-        storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
+        ledger.set_system_attrs(study, trial, {"search_space": self._search_space,
+                                               "grid_id": grid_id})
 
     def _point(self, t: FrozenTrial) -> int | None:
         if "grid_id" in t.system_attrs and self._same_search_space(t.system_attrs["search_space"]):
@@ -88,6 +87,11 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True,
                                       independent_sampler=optuna.samplers.RandomSampler(seed),
                                       warn_independent_sampling=False)
+
+
+def prunes(cfg: Config) -> bool:
+    """Whether a pruner reads the trials' per-epoch values: only then are they reported."""
+    return not objectives.multi(cfg) and cfg.search.pruner != "none"
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:

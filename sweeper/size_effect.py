@@ -34,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from lightning_modules.metrics import TEST_ACC, TRAIN_ACC, VAL_ACC
+
 MARGIN = 0.25  # points: a change of size's effect smaller than this does not matter here
 RESAMPLES = 2000
 MIN_RESIDUAL_DF = 8  # trials beyond the fitted coefficients, or the interval means little
 CURVE_DF = 12  # the curved size term only with this many to spare
-LOG_ERROR = ("val_acc", "train_acc", "test_acc")  # fitted on the error's log scale
+LOG_ERROR = (VAL_ACC, TRAIN_ACC, TEST_ACC)  # fitted on the error's log scale
 MAX_NEEDED = 10_000  # a trial count past this is not a plan: say the design cannot do it
 DETERMINED = 0.95  # the other settings explain this share of log size: no verdict
 RCOND = 1e-8  # a resample whose (scaled) design is this close to singular is left out

@@ -2,8 +2,10 @@
 MLflow child run of the study's parent run. Re-running tops the study up to search.n_trials
 finished (COMPLETE or PRUNED) trials; failed trials do not count and are retried as new ones.
 
-Where things live: how a trial ends (tell, weights, MLflow, dead workers) is outcome.py; what
-makes trials comparable is recipe.py; populations are population.py; samplers are samplers.py.
+Where things live: every write to a trial's or a seed repeat's record, the heartbeat and the
+recovery of dead workers are ledger.py; how a trained trial ends (weights, tell, MLflow) is
+outcome.py; what makes trials comparable is recipe.py; populations are population.py; samplers
+are samplers.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from sweeper import (
     data,
     faultpoints,
     keys,
-    liveness,
     objectives,
     outcome,
     population,
@@ -40,17 +41,17 @@ from sweeper import (
     search_space,
     stores,
     training,
-    trial_writes,
 )
 from sweeper.config import Config
 from sweeper.errors import DiskFull, Refused, UserError, disk_full, one_line
+from sweeper.ledger import DeadTrials, Ledger
 from sweeper.study_lock import StudyLock
 from sweeper.tracking import Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT_POLL_S = 2.0  # a worker with nothing to ask (the rest is running elsewhere) checks this often
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# We drive the heartbeat ourselves from the ask/tell loop (liveness.Heartbeat).
+# We drive the heartbeat ourselves from the ask/tell loop (the ledger's heartbeat thread).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
@@ -70,7 +71,7 @@ def open_storage(cfg: Config) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(s.storage, engine_kwargs=engine,
                                           heartbeat_interval=s.heartbeat_interval_s,
                                           grace_period=s.heartbeat_grace_s,
-                                          heartbeat_stale_trial_callback=outcome.DeadTrials())
+                                          heartbeat_stale_trial_callback=DeadTrials())
     except Exception as e:  # bad URL, missing driver, unreachable server, foreign database
         raise storage_error(s.storage, e) from None
 
@@ -182,53 +183,35 @@ def open_lock(cfg: Config) -> StudyLock:
     return lock
 
 
-def ask(study: optuna.Study, cfg: Config, room: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
-    """Under the study lock: ask up to `room` trials and stamp them as this worker's, all before
-    the lock is released (recover_dead_trials relies on it). The heartbeat goes first: a trial
-    with an owner but no heartbeat could never be found dead from another machine."""
+def ask(ledger: Ledger, cfg: Config, room: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
+    """Under the study lock: ask up to `room` trials; the ledger holds them as this worker's
+    before the lock is released."""
     if room <= 0:
         return []
-    try:
+
+    def asker() -> list[tuple[optuna.Trial, dict[str, Any]]]:
         if cfg.search.population > 1:
-            asked = population.ask(study, cfg, room)
+            asked = population.ask(ledger.study, cfg, room)
         else:
-            trial = study.ask()
+            trial = ledger.study.ask()
             asked = [(trial, search_space.suggest(trial, cfg.search.space, cfg.model.depth))]
         faultpoints.reached("asked")
-        trial_recipe = recipe.of_config(cfg)
-        liveness.beat(study, [trial for trial, _ in asked])
-        design = {"sampler": cfg.search.sampler, "pruner": "none" if objectives.multi(cfg)
-                  else cfg.search.pruner}
-        trial_writes.set_user_attrs({trial: {keys.WORKER: liveness.this_worker(),
-                                             keys.RECIPE: trial_recipe, keys.DESIGN: design}
-                                     for trial, _ in asked})
-    except BaseException:
-        # Under the lock an unowned RUNNING trial is one this call asked: end it now, or it
-        # would count as running elsewhere until the next run recovers it.
-        with contextlib.suppress(Exception):
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if keys.WORKER not in t.user_attrs and outcome.fail_if_running(study, t):
-                    outcome.requeue(study, t)
-        raise
-    return asked
+        return asked
+
+    design = {"sampler": cfg.search.sampler, "pruner": "none" if objectives.multi(cfg)
+              else cfg.search.pruner}
+    return ledger.ask(asker, {keys.RECIPE: recipe.of_config(cfg), keys.DESIGN: design})
 
 
-def recover(study: optuna.Study, tracker: Tracker, grace_s: float) -> None:
+def recover(ledger: Ledger, tracker: Tracker) -> None:
     """Under the study lock: what dead workers left RUNNING is ended (and their trials queued
     again), said once per trial."""
-    for number in outcome.recover_dead_trials(study, tracker):
+    numbers, ended = ledger.recover(tracker)
+    for number in numbers:
         print(f"trial {number} was left running by a process that died: marked failed, its "
               "configuration queued again", flush=True)
-    if ended := outcome.end_orphan_runs(study, tracker, grace_s):
+    if ended:
         print(f"{ended} MLflow run(s) left running by a process that died: ended", flush=True)
-
-
-def release_held(study: optuna.Study, tracker: Tracker, why: str, interrupted: bool) -> int:
-    """Every trial this worker still holds fails with `why` and is queued again."""
-    me = liveness.this_worker()
-    held = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get(keys.WORKER) == me]
-    return sum(outcome.release(study, t, tracker, why, interrupted) for t in held)
 
 
 def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
@@ -264,16 +247,17 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_location, s.study_name)
         check_stores_agree(cfg, storage, tracker)
         study = open_study(cfg, splits, storage)
+        ledger = Ledger(study, lock, s.heartbeat_interval_s, s.heartbeat_grace_s)
         parent = tracker.open_parent(
-            params={"sampler": s.sampler, "objective": s.objective,
-                    "pruner": "none" if objectives.multi(cfg) else s.pruner,
-                    "seed": cfg.seed, "train_size": len(splits.y_train),
-                    "val_size": len(splits.y_val), "family": cfg.model.family,
+            params={keys.SAMPLER_PARAM: s.sampler, "objective": s.objective,
+                    keys.PRUNER_PARAM: "none" if objectives.multi(cfg) else s.pruner,
+                    "seed": cfg.seed, keys.TRAIN_SIZE_PARAM: len(splits.y_train),
+                    keys.VAL_SIZE_PARAM: len(splits.y_val), "family": cfg.model.family,
                     "label_noise": splits.label_noise,
                     "search_space": json.dumps(search_space.describe(s.space))},
             tags={keys.N_TRIALS_TAG: str(target), keys.DATA_TAG: splits.source,
                   keys.STORAGE_TAG: s.storage})
-        recover(study, tracker, s.heartbeat_grace_s)
+        recover(ledger, tracker)
     done = n_finished(study)
     print(f"study {s.study_name!r}: {done}/{target} finished trials in {s.storage}; "
           f"MLflow {cfg.tracking.uri} (parent run {parent[:8]})\n"
@@ -288,19 +272,20 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # signal handlers can only be set from the main thread
         previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    ledger.start()  # the heartbeat of every trial and repeat this worker holds
     try:
         while n_finished(study) < target:
             with lock():
-                recover(study, tracker, s.heartbeat_grace_s)
+                recover(ledger, tracker)
                 if first:
                     first = False
-                    if lost := outcome.requeue_lost_splits(study):
+                    if lost := ledger.requeue_lost_splits():
                         print(f"trial(s) {', '.join(map(str, lost))} of a population that ran "
                               "out of memory were never queued again: queued now", flush=True)
                 # Running trials of other workers count: they will finish (or be retried).
                 elsewhere = n_running(study)
-                asked = ask(study, cfg, min(target - n_finished(study) - elsewhere,
-                                            s.population))
+                asked = ask(ledger, cfg, min(target - n_finished(study) - elsewhere,
+                                             s.population))
             if not asked:
                 if not waiting:
                     print(f"waiting: the last {elsewhere} trial(s) are running in other workers",
@@ -311,9 +296,9 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             waiting = False
             before = n_finished(study)
             if s.population == 1:
-                frozen = [run_trial(study, asked[0][0], cfg, splits, tracker, parent)]
+                frozen = [run_trial(ledger, asked[0][0], cfg, splits, tracker, parent)]
             else:
-                frozen = population.run(study, asked, cfg, splits, tracker, parent)
+                frozen = population.run(ledger, asked, cfg, splits, tracker, parent)
             for f in frozen:
                 before += f.state != TrialState.FAIL
                 console.trial_line(f, before, target)
@@ -325,17 +310,20 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
                                 f"{frozen[-1].user_attrs.get(keys.ERROR, '?')}); stopping the "
                                 "sweep. Finished trials are kept; fix the cause and re-run to "
                                 "resume")
-        repeats.run(study, cfg, splits, tracker, parent, lock)
+        repeats.run(ledger, cfg, splits, tracker, parent)
     except BaseException as e:
         # Only Ctrl-C and SIGTERM (which Lightning may re-raise as SystemExit) are interrupts;
         # anything else fails the run with its own message.
         interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
         status, failing = ("KILLED" if interrupted else "FAILED"), True
         held = 0
+        if interrupted and main_thread:
+            # Lightning ignores SIGINT while it shuts down; give Ctrl-C back its usual meaning.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         # The store that failed may fail again here: the first error is the one to report.
         with contextlib.suppress(Exception):
-            held = release_held(study, tracker, "interrupted" if interrupted else one_line(e),
-                                interrupted)
+            held = ledger.release_held(tracker, "interrupted" if interrupted else one_line(e),
+                                       interrupted)
         console.clear_live()
         if not interrupted and disk_full(e):
             what = str(e) if isinstance(e, UserError) else f"the disk is full ({one_line(e)})"
@@ -353,6 +341,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
             raise KeyboardInterrupt from None
         raise
     finally:
+        ledger.stop()
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
         with contextlib.suppress(Exception) if failing else contextlib.nullcontext():
@@ -406,7 +395,7 @@ def summary(study: optuna.Study, effects: Any = None) -> tuple[dict[str, float],
     return counts | {keys.BEST_OBJECTIVE: float(best.values[0])}, tags
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: data.Splits,
+def run_trial(ledger: Ledger, trial: optuna.Trial, cfg: Config, splits: data.Splits,
               tracker: Tracker, parent: str) -> optuna.trial.FrozenTrial:
     """Train one asked trial and conclude it. An error in its training fails the trial (the
     study goes on); an interrupt leaves it RUNNING for run_study to release."""
@@ -424,27 +413,26 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
             error = f"diverged: {bad[0]}={metrics[bad[0]]} at epoch {epoch}"
             return True
         console.epoch(trial.number, epoch, spec.max_epochs, metrics)
-        if objectives.multi(cfg):  # Optuna cannot prune multi-objective trials
+        if not samplers.prunes(cfg):  # no pruner would read the epoch's value
             return False
-        trial.report(metrics[VAL_ACC], epoch)
+        ledger.report({trial: metrics[VAL_ACC]}, epoch)
         pruned = trial.should_prune()
         return pruned
 
     try:
-        with liveness.Heartbeat(study, trial, cfg.search.heartbeat_interval_s):
-            params = search_space.suggest(trial, cfg.search.space, cfg.model.depth)
-            spec = training.resolve(cfg, params, trial.number)
-            module = training.build(spec, splits)
-            n_params = training.n_params(module)
-            run_id = tracker.start_trial(parent, trial.number,
-                                         spec.mlflow_params() | {keys.N_PARAMS: n_params},
-                                         {keys.DATA_TAG: splits.source})
-            faultpoints.reached("trial-run-made")
-            attrs = {keys.N_PARAMS: n_params, keys.MLFLOW_RUN_ID: run_id}
-            if "size" in params:  # the width that `size` picked, for the report
-                attrs[keys.WIDTH] = spec.arch.hidden[0]
-            trial_writes.set_user_attrs({trial: attrs})
-            training.fit(module, spec, splits, on_epoch)
+        params = search_space.suggest(trial, cfg.search.space, cfg.model.depth)
+        spec = training.resolve(cfg, params, trial.number)
+        module = training.build(spec, splits)
+        n_params = training.n_params(module)
+        run_id = tracker.start_trial(parent, trial.number,
+                                     spec.mlflow_params() | {keys.N_PARAMS: n_params},
+                                     {keys.DATA_TAG: splits.source})
+        faultpoints.reached("trial-run-made")
+        attrs = {keys.N_PARAMS: n_params, keys.MLFLOW_RUN_ID: run_id}
+        if "size" in params:  # the width that `size` picked, for the report
+            attrs[keys.WIDTH] = spec.arch.hidden[0]
+        ledger.set_attrs({trial: attrs})  # refused: another worker ended it (conclude says so)
+        training.fit(module, spec, splits, on_epoch)
     except Exception as e:  # this trial fails (bad config, out of memory, ...); the study goes on
         error = one_line(e)
         if cfg.debug:
@@ -453,5 +441,5 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, splits: dat
     history = module.history if module is not None else []
     net = module.net if module is not None else None
     arch = spec.arch if net is not None else None
-    return outcome.conclude(study, trial, cfg, splits, tracker, run_id, arch, history, net,
+    return outcome.conclude(ledger, trial, cfg, splits, tracker, run_id, arch, history, net,
                             pruned, error, time.perf_counter() - t0)

@@ -14,8 +14,8 @@ import json
 import re
 from typing import Any
 
-from sweeper.config import INTEGER_PARAMS
 from sweeper.errors import UserError
+from sweeper.params import INTEGER_PARAMS
 
 FORMS = "choice(a,b,...), range(low,high,step=s), interval(low,high), tag(log, interval(low,high))"
 SPACE_KEY = re.compile(r"^(\+{0,2})search\.space\.(\w+)=(.*)$", re.DOTALL)

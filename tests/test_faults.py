@@ -14,8 +14,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from lightning_modules.metrics import VAL_ACC
 from sweeper import keys, training
 from sweeper.errors import UserError
 from sweeper.keys import ERROR_TAG, STATE_TAG, TRIAL_TAG
@@ -77,8 +79,9 @@ class Sweep:
 
 
 def wait_until_training(tmp_path: Path, number: int, timeout: float = 60) -> None:
-    """Until trial `number` has reported its first epoch to Optuna: it is mid-training (the
-    smoke trials here run 25 epochs). Polls the store's state; no fixed sleep."""
+    """Until trial `number` has logged its first epoch to MLflow: it is mid-training (the
+    smoke trials here run 25 epochs; with search.pruner=none nothing is reported to Optuna).
+    Polls the stores' state; no fixed sleep."""
     wait_for_state(lambda: _reported(tmp_path, number), f"trial {number} never trained",
                    timeout)
 
@@ -86,9 +89,14 @@ def wait_until_training(tmp_path: Path, number: int, timeout: float = 60) -> Non
 def _reported(tmp_path: Path, number: int) -> bool:
     try:
         trials = load(tmp_path).trials
-    except Exception:  # the study is being created or written
+        run_id = trials[number].user_attrs.get(keys.MLFLOW_RUN_ID) if len(trials) > number \
+            else None
+        if run_id is None:
+            return False
+        return VAL_ACC in MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_run(
+            run_id).data.metrics
+    except Exception:  # the stores are being created or written
         return False
-    return len(trials) > number and bool(trials[number].intermediate_values)
 
 
 def wait_for_state(ready, what: str, timeout: float = 60, poll: float = 0.1) -> None:

@@ -80,7 +80,7 @@ def test_a_killed_export_leaves_a_side_folder_that_the_next_one_removes(tmp_path
 def test_runs_left_running_are_ended_by_the_next_start_and_live_ones_kept(tmp_path):
     import optuna
 
-    from sweeper import keys, liveness, outcome
+    from sweeper import keys, ledger, liveness
     from sweeper.tracking import Tracker
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db",
@@ -101,14 +101,14 @@ def test_runs_left_running_are_ended_by_the_next_start_and_live_ones_kept(tmp_pa
     live_repeat = tracker.start_trial(parent, done.number, {}, {}, repeat=2)
     study.set_user_attr(f"{keys.REPEAT}.{done.number}.2",
                         {keys.CLAIMED_BY: liveness.this_worker(), keys.CLAIM_BEAT: 1e12})
-    assert outcome.end_orphan_runs(study, tracker, grace_s=60) == 3
+    assert ledger.Ledger(study, grace_s=60).end_orphan_runs(tracker) == 3
     status = {r: tracker.client.get_run(r).info.status
               for r in (orphan, in_flight, finished, dead_repeat, live_repeat)}
     assert status == {orphan: "KILLED", in_flight: "RUNNING", finished: "FINISHED",
                       dead_repeat: "KILLED", live_repeat: "RUNNING"}
     tags = tracker.client.get_run(finished).data
     assert tags.tags[keys.STATE_TAG] == "COMPLETE" and tags.metrics["epochs_run"] == 2
-    assert outcome.ORPHAN in tracker.client.get_run(orphan).data.tags[keys.ERROR_TAG]
+    assert ledger.ORPHAN in tracker.client.get_run(orphan).data.tags[keys.ERROR_TAG]
 
 
 @pytest.mark.slow

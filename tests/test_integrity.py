@@ -21,11 +21,11 @@ from sweeper import (
     data,
     export,
     keys,
+    ledger,
     liveness,
-    outcome,
     population,
     recipe,
-    repeats,
+    repeat_records,
     search_space,
     training,
 )
@@ -291,7 +291,7 @@ def test_recovery_never_relabels_a_trial_that_ended_normally(tiny_cfg, monkeypat
         return True
 
     monkeypatch.setattr(liveness, "is_dead_here", judged_dead_while_it_ends)
-    assert outcome.recover_dead_trials(study, tracker) == []
+    assert ledger.Ledger(study).recover_dead_trials(tracker) == []
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # not FAIL, nothing queued
     assert f"{keys.RECOVERED}.0" not in study.user_attrs
 
@@ -302,7 +302,7 @@ def test_a_trial_never_stamped_by_its_asker_is_recovered_at_once(tiny_cfg):
     trial = study.ask()  # its worker died before it could stamp it (under the study lock)
     trial.suggest_int("width", 16, 64)
     tracker = Tracker(tiny_cfg.tracking.uri, None, "tiny")
-    assert outcome.recover_dead_trials(study, tracker) == [0]
+    assert ledger.Ledger(study).recover_dead_trials(tracker) == [0]
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
     assert study.trials[1].user_attrs[keys.RETRY_OF] == 0
 
@@ -366,16 +366,17 @@ def test_diverged_repeats_are_left_out_of_the_means_and_reported(tiny_cfg, monke
     diverge_on_build(monkeypatch, call=4, steps=5)  # 2 trials, then the second repeat
     study = run_study(tiny_cfg)
     best = study.best_trial.number
-    seeds = repeats.results(study)[best]
+    seeds = repeat_records.results(study)[best]
     assert len(seeds) == 2 and all(math.isfinite(s[VAL_ACC]) for s in seeds)
-    assert repeats.diverged(study) == {best: 1}
+    assert repeat_records.diverged(study) == {best: 1}
     out = capsys.readouterr().out
     assert f"trial {best:3d} seed 2: " in out and "diverged (train_loss=nan" in out
     assert "(2 seeds, 1 diverged)" in out
     # A study made before this fix stored a diverged repeat as NaN metrics: left out as well.
     study.set_user_attr(f"{keys.REPEAT}.{best}.2", {VAL_ACC: math.nan, TRAIN_ACC: math.nan,
                                                      GAP: math.nan, keys.SEED: 2})
-    assert len(repeats.results(study)[best]) == 2 and repeats.diverged(study) == {best: 1}
+    assert len(repeat_records.results(study)[best]) == 2
+    assert repeat_records.diverged(study) == {best: 1}
 
 
 @pytest.mark.slow

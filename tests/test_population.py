@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from lightning_modules.metrics import EPOCH_METRICS, EPOCHS_RUN, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import checkpoints, data, keys, outcome, population, training
+from sweeper import checkpoints, data, keys, ledger, population, training
 from sweeper.config import AugmentConfig, Config, DataConfig, ParamSpec
 from sweeper.errors import UserError
 from sweeper.keys import ROLE_TAG
@@ -522,16 +522,16 @@ def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, mo
     """Ctrl-C between an out-of-memory member's FAIL and its queueing: the next run queues
     that configuration again (it is not running, so nothing else would)."""
     memory_for(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory"))
-    real = outcome.requeue
+    real = ledger.Ledger.requeue
     calls: list[int] = []
 
-    def interrupted_once(study, trial):
+    def interrupted_once(self, trial):
         calls.append(trial.number)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        return real(study, trial)
+        return real(self, trial)
 
-    monkeypatch.setattr(outcome, "requeue", interrupted_once)
+    monkeypatch.setattr(ledger.Ledger, "requeue", interrupted_once)
     tiny_cfg.search.population, tiny_cfg.search.n_trials = 2, 2
     tiny_cfg.search.pruner = "none"
     with pytest.raises(KeyboardInterrupt):
@@ -539,6 +539,10 @@ def test_a_split_lost_to_ctrl_c_is_queued_at_the_next_start(tiny_cfg: Config, mo
     first = optuna.load_study(study_name="tiny", storage=tiny_cfg.search.storage).trials
     assert keys.SPLIT_AFTER_OOM in first[0].user_attrs  # told FAIL, never queued
     assert not any(t.user_attrs.get(keys.RETRY_OF) == 0 for t in first)
+    # The member not yet told was released, not left RUNNING until another start found it dead
+    # (before: the interrupted tell_all stopped holding it; the next start waited out the grace).
+    assert first[1].state == optuna.trial.TrialState.FAIL
+    assert [t.user_attrs.get(keys.RETRY_OF) for t in first[2:]] == [1]  # queued again
     monkeypatch.setattr(population, "_OOM_CAP", {})  # a new process
     study = run_study(tiny_cfg)
     retries = {t.user_attrs.get(keys.RETRY_OF): t for t in study.trials}

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import GAP, VAL_ACC
-from sweeper import repeats, report, stats
+from sweeper import repeat_records, repeats, report, stats
 from sweeper.keys import REPEAT_TAG, ROLE_TAG, TRIAL_TAG
 from sweeper.study import run_study
 
@@ -89,7 +89,7 @@ def test_report_and_seed_repeats_on_a_small_study(tiny_cfg, tmp_path):
     reps = [r for r in client.search_runs([exp.experiment_id])
             if r.data.tags.get(ROLE_TAG) == "repeat"]
     assert len(reps) == 2 * len(chosen)
-    seeds = repeats.results(study)
+    seeds = repeat_records.results(study)
     assert sorted(seeds) == sorted(t.number for t in chosen)
     for r in reps:
         number, k = int(r.data.tags[TRIAL_TAG]), int(r.data.tags[REPEAT_TAG])

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from lightning_modules.metrics import VAL_ACC
 from sweeper import keys
 from sweeper.keys import TRIAL_TAG
 from tests.postgres import free_port
@@ -110,14 +112,18 @@ def _other_host() -> tuple[str, ...]:
     return ()
 
 
-def _training_in(optuna_url: str, pid: int) -> bool:
-    """A trial of worker `pid` is RUNNING and has reported an epoch."""
+def _training_in(optuna_url: str, mlflow_url: str, pid: int) -> bool:
+    """A trial of worker `pid` is RUNNING and has logged an epoch to MLflow (with
+    search.pruner=none nothing is reported to Optuna)."""
     try:
         trials = optuna.load_study(study_name="smoke", storage=optuna_url).trials
-    except Exception:  # not created yet
+        runs = [t.user_attrs.get(keys.MLFLOW_RUN_ID) for t in trials
+                if t.state == TrialState.RUNNING
+                and f":{pid}:" in t.user_attrs.get(keys.WORKER, "")]
+        client = MlflowClient(mlflow_url)
+        return any(r is not None and VAL_ACC in client.get_run(r).data.metrics for r in runs)
+    except Exception:  # not created yet, or being written
         return False
-    return any(t.state == TrialState.RUNNING and t.intermediate_values
-               and f":{pid}:" in t.user_attrs.get(keys.WORKER, "") for t in trials)
 
 
 def test_a_killed_worker_trial_is_retried_and_the_study_completes(postgres_cluster, tmp_path):
@@ -128,7 +134,8 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(postgres_clust
     doomed = Sweep(tmp_path, *overrides, prefix=prefix, OMP_NUM_THREADS="1")
     survivor = Sweep(tmp_path, *overrides, OMP_NUM_THREADS="1")
     doomed.wait_for("] trial")  # one trial done, then until its next one is training
-    wait_for_state(lambda: _training_in(optuna_url, doomed.proc.pid), "doomed never trained")
+    wait_for_state(lambda: _training_in(optuna_url, mlflow_url, doomed.proc.pid),
+                   "doomed never trained")
     doomed.proc.send_signal(signal.SIGKILL)
     doomed.proc.wait(timeout=10)
     finish(survivor)
