@@ -37,11 +37,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Two pytest workers (pytest-xdist), one test file each at a time, one torch thread each (the
+# tests' sweep subprocesses inherit it): most tests wait on a subprocess, so two cores run two.
+PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(PYTEST) --durations=15
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_trial.py $(ARGS)
