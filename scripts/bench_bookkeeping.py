@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from sweeper import data
-from sweeper.config import Config, DataConfig, ParamSpec
-from sweeper.study import run_study
+from sweeper.loop.study import run_study
+from sweeper.settings.config import Config, DataConfig, ParamSpec
+from sweeper.train import data
 
 # (trials, population, pruner); the last: two populations, the second pruned against the first
 MODES = [(16, 1, "none"), (16, 16, "none"), (64, 64, "none"), (256, 256, "none"),

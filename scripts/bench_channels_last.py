@@ -3,7 +3,7 @@
     python scripts/bench_channels_last.py [--widths 4 5 8 16 32 64] [--timeout 30]
 
 Each measurement runs in its own process (a pathological case cannot slow the next one) and
-is cut off after --timeout seconds. sweeper/training.py uses NHWC from CHANNELS_LAST_MIN
+is cut off after --timeout seconds. sweeper/train/training.py uses NHWC from CHANNELS_LAST_MIN
 channels up: below it, oneDNN's NHWC 1x1 convolution backward can be 100x slower.
 """
 

@@ -1,6 +1,6 @@
 """What a new study folder costs before its first trial: making the empty MLflow SQLite store
-by MLflow's own migrations vs from the packaged schema (sweeper/store_schema.py), interleaved,
-median of N, and the whole `Tracker(...)` open on a fresh folder both ways.
+by MLflow's own migrations vs from the packaged schema (sweeper/record/store_schema.py),
+interleaved, median of N, and the whole `Tracker(...)` open on a fresh folder both ways.
 
     python scripts/bench_new_store.py --rounds 5
 """
@@ -14,8 +14,8 @@ from unittest import mock
 
 from mlflow import MlflowClient
 
-from sweeper import store_schema, stores
-from sweeper.tracking import Tracker
+from sweeper.record import store_schema, stores
+from sweeper.record.tracking import Tracker
 
 
 def migrations(folder: str) -> None:

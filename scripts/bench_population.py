@@ -13,7 +13,7 @@ Per mode: trials/min, s/epoch (one trial's, or the whole population's), achieved
 matmul and convolution FLOPs of training and evaluation, counted by torch's FlopCounterMode on
 one member, times the trials, over the wall time) against the peak measured in the same run
 (a large matmul in that precision) and the datasheet's, peak GPU memory against the
-population's memory estimate (sweeper/population.py), time in MLflow writes, GPU utilisation
+population's memory estimate (sweeper/loop/population.py), time in MLflow writes, GPU utilisation
 (NVML, every 50 ms).
 
     python scripts/bench_population.py --family mlp --epochs 10 --solo 8 --population 64 256 \
@@ -52,9 +52,11 @@ from lightning_modules.metrics import VAL_ACC
 from lightning_modules.models import build_model
 from lightning_modules.population import PopulationClassifier
 from lightning_modules.population_optim import StackedOptimizer, compiled
-from sweeper import data, population, tracking, training
-from sweeper.config import Config, DataConfig, ParamSpec
-from sweeper.study import run_study
+from sweeper.loop import population
+from sweeper.loop.study import run_study
+from sweeper.record import tracking
+from sweeper.settings.config import Config, DataConfig, ParamSpec
+from sweeper.train import data, training
 
 # Dense TFLOP/s by precision, from NVIDIA's datasheets (no sparsity), by device-name substring.
 DATASHEET = {"H100 PCIe": {"32": 51, "tf32": 378, "bf16": 756},

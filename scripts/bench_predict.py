@@ -1,14 +1,14 @@
 """How well does predict read digits from phone photos? Before and after issue 33, side by side.
 
 Held-out digits (MNIST's t10k from --mnist, a Kaggle-format test.csv + labels, or the embedded
-sample) are rendered as synthetic phone photos (sweeper.synthetic_photos: notebook lines, a
-shadow, dust specks, blue pen, a small digit, perspective, vignetting, JPEG, and mixtures of
-all), saved as files and read back through predict's reader; each file is prepared twice, by
-the preparation before issue 33 (one background level, the bounding box of all ink:
-`to_mnist_before` below) and by today's `predict.to_mnist`, and read by the exported model.
-Prints accuracy per condition and strength, with the model's accuracy on the same digits as
-plain 28x28 images, and the preparation's time per photo; then how often photos of two digits
-side by side and of an empty page are refused rather than read as a digit.
+sample) are rendered as synthetic phone photos (sweeper.best_model.synthetic_photos: notebook lines,
+a shadow, dust specks, blue pen, a small digit, perspective, vignetting, JPEG, and mixtures of all),
+saved as files and read back through predict's reader; each file is prepared twice, by the
+preparation before issue 33 (one background level, the bounding box of all ink: `to_mnist_before`
+below) and by today's `predict.to_mnist`, and read by the exported model. Prints accuracy per
+condition and strength, with the model's accuracy on the same digits as plain 28x28 images, and the
+preparation's time per photo; then how often photos of two digits side by side and of an empty page
+are refused rather than read as a digit.
 
     python scripts/bench_predict.py --model export/ --mnist /work/shared/data/mnist --n 100
 
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sweeper import data, idx, kaggle, predict
-from sweeper import synthetic_photos as sp
-from sweeper.config import DataConfig
-from sweeper.errors import UserError
+from sweeper.best_model import predict
+from sweeper.best_model import synthetic_photos as sp
+from sweeper.settings.config import DataConfig
+from sweeper.settings.errors import UserError
+from sweeper.train import data, idx, kaggle
 
 
 def to_mnist_before(grey: np.ndarray) -> np.ndarray:

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from lightning_modules.dropout import FastDropout
 from lightning_modules.models import Architecture, build_model
-from sweeper import data
-from sweeper.config import Config, DataConfig, ParamSpec
-from sweeper.study import run_study
-from sweeper.training import trial_seed
+from sweeper.loop.study import run_study
+from sweeper.settings.config import Config, DataConfig, ParamSpec
+from sweeper.train import data
+from sweeper.train.training import trial_seed
 
 ARCH = Architecture("mlp", (512, 512), 0.2)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sweeper.config import Config, ParamSpec  # noqa: E402
-from sweeper.study import run_study  # noqa: E402
+from sweeper.loop.study import run_study  # noqa: E402
+from sweeper.settings.config import Config, ParamSpec  # noqa: E402
 from tests.postgres import Throwaway, server_bin  # noqa: E402
 
 

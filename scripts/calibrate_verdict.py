@@ -1,5 +1,5 @@
 """How often the size verdict is wrong, on planted studies whose truth is known
-(sweeper/calibration.py): per scenario and study size, the share of false "bigger/smaller"
+(sweeper/analysis/calibration.py): per scenario and study size, the share of false "bigger/smaller"
 (or peak/valley) verdicts where no effect was planted, the 95% interval's coverage of the
 planted effect, how often a bend ("returns diminish", a peak, a valley) is said where the
 planted curve has none, and the largest trial-count estimate printed. Each share comes with its
@@ -12,7 +12,7 @@ simulation standard error.
 import argparse
 import time
 
-from sweeper import calibration, size_effect
+from sweeper.analysis import calibration, size_effect
 
 # Planted size effects per tenfold: -log10(error) units (0.15: about +1 point per tenfold at
 # 97%) for the log-scale scenarios, points for `points`.

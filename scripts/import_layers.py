@@ -2,9 +2,10 @@
 
     python scripts/import_layers.py [--root DIR]
 
-Prints, for the study loop followed from `sweeper.study` (run_study): the modules it reaches
+Prints, for the study loop followed from `sweeper.loop.study` (run_study): the modules it reaches
 through imports, how many of their import edges go to a higher layer (LAYERS below, lowest
-first); then the modules that use Optuna's internals, and any import circle in the packages.
+first: the folders of sweeper/); then every upward import in the packages, the modules that use
+Optuna's internals, and any import circle.
 Imports inside functions count: they run too, later. tests/test_imports.py uses `graph` and
 `circles`.
 """
@@ -19,20 +20,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("sweeper", "lightning_modules")
 
-# Lowest first: a module may import its own layer and the ones before it. A proposal for the
-# folders of issue 29's layout; modules not listed are left out of the layer count.
+# The folders of sweeper/, lowest first: a module may import its own folder and the ones before
+# it. The modules directly in sweeper/ are the commands (python -m sweeper, sweeper.report, ...).
 LAYERS = [
-    ("basics", ["errors", "keys", "faultpoints", "params"]),
-    ("models", ["lightning_modules"]),
-    ("configuration and search space", ["config", "sweep_grammar", "search_space", "recipe",
-                                        "objectives"]),
-    ("ledger and stores", ["stores", "store_schema", "study_lock", "liveness", "ledger",
-                           "trial_writes", "tracking", "repeat_records"]),
-    ("training and data", ["idx", "kaggle", "data", "batches", "training", "checkpoints"]),
-    ("analysis and report", ["stats", "size_effect", "report", "console"]),
-    ("the study loop", ["samplers", "outcome", "population", "repeats", "study"]),
-    ("export and predict", ["export", "predict"]),
-    ("entry points", ["__main__"]),
+    ("models (lightning_modules/)", "lightning_modules"),
+    ("configuration and search space", "sweeper.settings"),
+    ("the record: ledger and stores", "sweeper.record"),
+    ("data and training", "sweeper.train"),
+    ("analysis and report", "sweeper.analysis"),
+    ("the study loop", "sweeper.loop"),
+    ("export and predict", "sweeper.best_model"),
+    ("commands", "sweeper"),
 ]
 
 
@@ -48,17 +46,15 @@ def optuna_private(root: Path) -> list[str]:
 
 
 def layer_of(module: str) -> int | None:
-    """sweeper.x -> the index of x's layer; lightning_modules.* -> the models layer."""
-    package, _, name = module.partition(".")
-    for i, (_, names) in enumerate(LAYERS):
-        if (package == "lightning_modules" and "lightning_modules" in names) or (
-                package == "sweeper" and name in names):
-            return i
-    return None
+    """The index of the module's folder in LAYERS (sweeper.loop.study -> the study loop)."""
+    for i, (_, prefix) in enumerate(LAYERS):
+        if module.startswith(prefix + ".") or (module == prefix and prefix != "sweeper"):
+            return i if prefix != "sweeper" or module.count(".") == 1 else None
+    return len(LAYERS) - 1 if module == "sweeper" else None
 
 
 def modules(root: Path) -> dict[str, Path]:
-    """'sweeper.study' -> its file, for both packages under root."""
+    """'sweeper.loop.study' -> its file, for both packages under root."""
     found = {}
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
@@ -80,8 +76,8 @@ def _imported(node: ast.AST, here: str, is_package: bool) -> list[str]:
         prefix = ".".join(base + ([node.module] if node.module else []))
     else:
         prefix = node.module or ""
-    # `from sweeper import study` names the module sweeper.study; `from sweeper.x import y`
-    # names sweeper.x (or sweeper.x.y when that is a module).
+    # `from sweeper.loop import study` names the module sweeper.loop.study; `from sweeper.x
+    # import y` names sweeper.x (or sweeper.x.y when that is a module).
     return [prefix, *(f"{prefix}.{a.name}" for a in node.names)]
 
 
@@ -164,11 +160,11 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=REPO, help="a checkout (default: this one)")
     args = ap.parse_args()
     edges = graph(args.root)
-    loop = reachable(edges, "sweeper.study")
+    loop = reachable(edges, "sweeper.loop.study")
     up = upward(edges, loop)
     n_edges = sum(len(edges[m] & loop) for m in loop)
-    print(f"study loop (from sweeper.study): {len(loop)} modules, {n_edges} import edges among "
-          f"them, {len(up)} to a higher layer")
+    print(f"study loop (from sweeper.loop.study): {len(loop)} modules, {n_edges} import edges "
+          f"among them, {len(up)} to a higher layer")
     for i, (layer, _) in enumerate(LAYERS):
         names = sorted(m for m in loop if layer_of(m) == i)
         if names:
@@ -177,6 +173,10 @@ def main() -> None:
     if unplaced:
         print(f"  (no layer: {', '.join(unplaced)})")
     for a, b in up:
+        print(f"  up: {a} -> {b}")
+    everywhere = upward(edges, set(edges))
+    print(f"all {len(edges)} modules: {len(everywhere)} import(s) to a higher layer")
+    for a, b in everywhere:
         print(f"  up: {a} -> {b}")
     private = optuna_private(args.root)
     print(f"modules using Optuna's internals: {len(private)} ({', '.join(private)})")

@@ -1,4 +1,4 @@
-"""Re-make sweeper/store_schemas/mlflow.sql: the empty MLflow SQLite store, as MLflow's own
+"""Re-make sweeper/record/store_schemas/mlflow.sql: the empty MLflow SQLite store, as MLflow's own
 migrations make it, for the installed MLflow (run after an MLflow upgrade; tests/test_stores.py
 fails until then, and new stores meanwhile take MLflow's slower migration path).
 
@@ -7,7 +7,7 @@ fails until then, and new stores meanwhile take MLflow's slower migration path).
 
 from pathlib import Path
 
-from sweeper.store_schema import PACKAGED, dump_of_migrations
+from sweeper.record.store_schema import PACKAGED, dump_of_migrations
 
 if __name__ == "__main__":
     PACKAGED.write_text(dump_of_migrations())

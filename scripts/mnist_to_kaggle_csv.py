@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweeper import idx, kaggle
+from sweeper.train import idx, kaggle
 
 
 def write_csv(path: Path, header: str, table: np.ndarray) -> None:

@@ -1,5 +1,5 @@
-"""Write synthetic phone photos of pen-drawn digits (sweeper.synthetic_photos: drawn strokes,
-not MNIST digits) to try `python -m sweeper.predict` on: each digit 0-9 under another
+"""Write synthetic phone photos of pen-drawn digits (sweeper.best_model.synthetic_photos: drawn
+strokes, not MNIST digits) to try `python -m sweeper.predict` on: each digit 0-9 under another
 condition (ruled or squared paper, a shadow, specks, blue pen, a small digit, perspective,
 vignetting, JPEG, a mixture), and one photo of two digits side by side, which predict refuses.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweeper import synthetic_photos as sp
+from sweeper.best_model import synthetic_photos as sp
 
 EXAMPLES = {  # digit: (file name, what the photo shows)
     0: ("0-ruled", replace(sp.BASE, lines="ruled", line_strength=0.8)),

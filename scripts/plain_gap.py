@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.models import Architecture, build_model
-from sweeper import data
-from sweeper.config import DataConfig
-from sweeper.training import width_for_size
+from sweeper.settings.config import DataConfig
+from sweeper.train import data
+from sweeper.train.training import width_for_size
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

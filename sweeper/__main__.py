@@ -9,9 +9,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweeper import stores, sweep_grammar
-from sweeper.config import check_composes, check_overrides, to_config, validate
-from sweeper.errors import Refused, UserError, one_line
+from sweeper.record import stores
+from sweeper.settings import sweep_grammar
+from sweeper.settings.config import check_composes, check_overrides, to_config, validate
+from sweeper.settings.errors import Refused, UserError, one_line
 
 
 def check_output_folder(argv: list[str]) -> None:
@@ -62,7 +63,7 @@ def start(raw: DictConfig) -> None:
         validate(cfg)
     except UserError as e:
         raise Refused(str(e)) from None
-    from sweeper.study import run_study  # heavy imports only after the config is sound
+    from sweeper.loop.study import run_study  # heavy imports only after the config is sound
 
     run_study(cfg)
 

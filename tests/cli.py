@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from sweeper.__main__ import preflight, start
-from sweeper.errors import UserError
+from sweeper.settings.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -18,9 +18,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from sweeper import idx, kaggle, search_space
-from sweeper.config import check_overrides, to_config, validate
-from sweeper.errors import UserError
+from sweeper.settings import search_space
+from sweeper.settings.config import check_overrides, to_config, validate
+from sweeper.settings.errors import UserError
+from sweeper.train import idx, kaggle
 from tests.cli import refusal
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

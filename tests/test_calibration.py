@@ -3,7 +3,7 @@ the verdict as the report gives it."""
 
 import math
 
-from sweeper import calibration
+from sweeper.analysis import calibration
 
 
 def test_planted_studies_get_calibrated_verdicts():

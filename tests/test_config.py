@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sweeper import samplers
-from sweeper.config import Config, ParamSpec, to_config, validate
-from sweeper.errors import UserError
+from sweeper.loop import samplers
+from sweeper.settings.config import Config, ParamSpec, to_config, validate
+from sweeper.settings.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -132,7 +132,7 @@ def test_null_removes_a_parameter_from_the_space():
 
 
 def test_generalization_experiments_are_shaped_as_documented():
-    from sweeper.search_space import grid
+    from sweeper.settings.search_space import grid
 
     w = compose_cfg("+experiment=width_ladder")
     assert grid(w.search.space) == {"width": [2 ** i for i in range(4, 14)]}
@@ -147,8 +147,8 @@ def test_generalization_experiments_are_shaped_as_documented():
 
 def recipe_spec(name: str):
     """A one-configuration experiment's config and the TrialSpec its trial trains."""
-    from sweeper.search_space import grid
-    from sweeper.training import resolve
+    from sweeper.settings.search_space import grid
+    from sweeper.train.training import resolve
 
     cfg = compose_cfg(f"+experiment={name}")
     return cfg, resolve(cfg, {k: v[0] for k, v in grid(cfg.search.space).items()}, 0)

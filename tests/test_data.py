@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sweeper import data
-from sweeper.config import DataConfig
-from sweeper.errors import UserError
+from sweeper.settings.config import DataConfig
+from sweeper.settings.errors import UserError
+from sweeper.train import data
 from tests.test_idx import write_split
 
 
@@ -101,9 +101,9 @@ def test_the_fingerprint_covers_pixels_and_old_studies_still_resume(tiny_cfg):
     """Same labels, other images: other data (before: one fingerprint, so a resume mixed them).
     A study made when the fingerprint hashed labels only resumes on its own data, and is known
     by the new fingerprint from then on."""
-    from sweeper import keys
-    from sweeper.errors import UserError
-    from sweeper.study import open_storage, open_study
+    from sweeper.loop.study import open_storage, open_study
+    from sweeper.settings import keys
+    from sweeper.settings.errors import UserError
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60)

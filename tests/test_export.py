@@ -11,9 +11,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sweeper import checkpoints, data, export, keys
-from sweeper.config import Config, DataConfig, ParamSpec
-from sweeper.study import run_study
+from sweeper.best_model import export
+from sweeper.loop.study import run_study
+from sweeper.settings import keys
+from sweeper.settings.config import Config, DataConfig, ParamSpec
+from sweeper.train import checkpoints, data
 from tests.test_kaggle import HEADER, write
 
 STANDALONE = """
@@ -149,7 +151,7 @@ def test_predict_reads_the_users_digits_with_a_real_export(exported, tmp_path, c
     back as the exported model reads them in memory, and mostly right."""
     from PIL import Image
 
-    from sweeper import predict
+    from sweeper.best_model import predict
 
     out, _study, _, images = exported[0] / "out", *exported[1:]
     labels = data.load(DataConfig(name="mnist_sample")).labels[:len(images)]
@@ -224,7 +226,7 @@ def test_seed_ensemble_is_one_model_averaging_probabilities(seeded, tmp_path, ca
         assert min(np.abs(p - a).max() for a in alone) > 1e-3  # not one member passed through
     # Kaggle's submission and predict take it as they take a single model.
     rows = np.loadtxt(out / "submission.csv", delimiter=",", skiprows=1, dtype=int)
-    from sweeper import predict
+    from sweeper.best_model import predict
 
     labels, _ = export.predict(predict.load_model(out), images)
     assert rows[:, 1].tolist() == labels.tolist()
@@ -272,7 +274,8 @@ def test_ensemble_reports_its_test_accuracy_when_the_study_measures_test(mnist_r
                                                                           capsys):
     """A study with confirm.test measures its best on MNIST's test set; the export of its seed
     ensemble does too, and the figure is the exported files' own accuracy there."""
-    from sweeper import idx, predict
+    from sweeper.best_model import predict
+    from sweeper.train import idx
 
     cfg = Config(name="t", seed=0)
     cfg.data = DataConfig(name="mnist", root=str(mnist_root), val_size=1000, train_size=2000)
@@ -335,7 +338,7 @@ def test_repeat_weights_go_with_their_trial_and_only_finished_repeats_count(tmp_
 @pytest.mark.slow
 def test_refit_trains_each_seed_with_its_own_seed(seeded):
     _tmp, study, cfg = seeded
-    from sweeper import recipe
+    from sweeper.settings import recipe
 
     best = study.best_trial
     splits = export.refit_splits(cfg)
@@ -359,7 +362,7 @@ def test_a_model_with_non_finite_outputs_is_not_exported(tmp_path):
 def test_a_study_with_seed_repeats_suggests_exporting_them_as_one_model():
     import optuna
 
-    from sweeper import console
+    from sweeper.analysis import console
 
     cfg = Config(name="mb")
     cfg.search.study_name, cfg.trainer.max_epochs = "mb", 56

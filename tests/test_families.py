@@ -8,8 +8,8 @@ import torch
 from lightning_modules.augment import BatchAugment
 from lightning_modules.models import Architecture, build_model, count_params
 from lightning_modules.schedules import lr_factor
-from sweeper import data, training
-from sweeper.config import Config, DataConfig
+from sweeper.settings.config import Config, DataConfig
+from sweeper.train import data, training
 
 IN = (1, 28, 28)
 
@@ -151,9 +151,9 @@ def test_schedules():
 def test_family_study_end_to_end_then_export(tiny_cfg, tmp_path, family):
     import optuna
 
-    from sweeper import export
-    from sweeper.config import ParamSpec
-    from sweeper.study import run_study
+    from sweeper.best_model import export
+    from sweeper.loop.study import run_study
+    from sweeper.settings.config import ParamSpec
     from tests.test_export import standalone_errors
 
     tiny_cfg.model.family = family
@@ -198,7 +198,7 @@ def dataclass_replace_width(arch: Architecture, delta: int) -> Architecture:
 
 
 def test_report_compares_families_at_equal_size():
-    from sweeper.report import Row, families
+    from sweeper.analysis.report import Row, families
 
     def row(family: str, n: int, val: float, gap: float) -> Row:
         return Row(0, "COMPLETE", 2, 8, 0.2, 1e-3, n, 10, val + gap, val, gap, family=family)
@@ -215,9 +215,9 @@ def test_report_compares_families_at_equal_size():
 
 @pytest.mark.slow
 def test_family_by_size_study_and_its_report(tiny_cfg, tmp_path):
-    from sweeper import report
-    from sweeper.config import ParamSpec
-    from sweeper.study import run_study
+    from sweeper.analysis import report
+    from sweeper.loop.study import run_study
+    from sweeper.settings.config import ParamSpec
 
     tiny_cfg.model.depth_by_family = {"mlp": 1, "cnn": 2}
     tiny_cfg.trainer.max_epochs = 1

@@ -18,10 +18,11 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import VAL_ACC
-from sweeper import keys, training
-from sweeper.errors import UserError
-from sweeper.keys import ERROR_TAG, STATE_TAG, TRIAL_TAG
-from sweeper.study import run_study
+from sweeper.loop.study import run_study
+from sweeper.settings import keys
+from sweeper.settings.errors import UserError
+from sweeper.settings.keys import ERROR_TAG, STATE_TAG, TRIAL_TAG
+from sweeper.train import training
 from tests.test_study import REPO, runs, sweep
 
 # ~0.1 s epochs on the embedded sample: each trial runs for a few seconds.

@@ -1,6 +1,6 @@
 """Faults and bad input, round two (issue 14): a kill at the worst moment, stores that disagree,
 damaged inputs and wrong paths. Timing windows are reached exactly through
-sweeper.faultpoints (SWEEPER_TEST_STOP_AT), never by a lucky sleep."""
+sweeper.settings.faultpoints (SWEEPER_TEST_STOP_AT), never by a lucky sleep."""
 
 import json
 import os
@@ -19,9 +19,11 @@ import pytest
 from optuna.trial import TrialState
 from PIL import Image
 
-from sweeper import data, kaggle, keys, predict, recipe
-from sweeper.config import DataConfig
-from sweeper.errors import UserError
+from sweeper.best_model import predict
+from sweeper.settings import keys, recipe
+from sweeper.settings.config import DataConfig
+from sweeper.settings.errors import UserError
+from sweeper.train import data, kaggle
 from tests.cli import refusal
 from tests.test_idx import idx_bytes
 from tests.test_kaggle import HEADER, train_file
@@ -211,7 +213,7 @@ def test_a_csv_of_nul_bytes_fails_fast_in_bounded_memory(tmp_path):
     path.write_text("label," + HEADER + "\n")
     os.truncate(path, 1 << 30)  # a valid header, then 1 GB of NUL bytes (sparse)
     # Peak memory from VmHWM: ru_maxrss would carry pytest's own peak across fork and exec.
-    code = ("import re, sys, time; from pathlib import Path; from sweeper import kaggle\n"
+    code = ("import re, sys, time; from pathlib import Path; from sweeper.train import kaggle\n"
             "t = time.time()\ntry: kaggle.read_train(Path(sys.argv[1]))\n"
             "except Exception as e: print(len(str(e)), type(e).__name__, str(e)[:200])\n"
             "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"

@@ -1,5 +1,6 @@
 """Faults, round three (issue 31): bounded memory for every input, no record left RUNNING, one
-line for every refusal. Timing windows are reached through sweeper.faultpoints, never sleeps."""
+line for every refusal. Timing windows are reached through sweeper.settings.faultpoints, never
+sleeps."""
 
 import os
 import socket
@@ -9,7 +10,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from sweeper import stores
+from sweeper.record import stores
 from tests.cli import refusal
 from tests.test_faults_round2 import ONE_TRIAL, _export, one_error_line
 from tests.test_study import REPO, sweep
@@ -80,8 +81,9 @@ def test_a_killed_export_leaves_a_side_folder_that_the_next_one_removes(tmp_path
 def test_runs_left_running_are_ended_by_the_next_start_and_live_ones_kept(tmp_path):
     import optuna
 
-    from sweeper import keys, ledger, liveness
-    from sweeper.tracking import Tracker
+    from sweeper.record import ledger, liveness
+    from sweeper.record.tracking import Tracker
+    from sweeper.settings import keys
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db",
                                 direction="maximize")
@@ -158,9 +160,9 @@ def test_a_read_only_mlruns_is_one_line_for_every_command(tmp_path):
 def test_a_full_disk_stops_the_sweep_saying_what_is_kept(tiny_cfg, monkeypatch):
     import optuna
 
-    from sweeper import checkpoints
-    from sweeper.errors import DiskFull
-    from sweeper.study import run_study
+    from sweeper.loop.study import run_study
+    from sweeper.settings.errors import DiskFull
+    from sweeper.train import checkpoints
 
     def full(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 "
@@ -199,8 +201,8 @@ def test_a_full_checkpoint_disk_is_one_line(tmp_path):
 
 
 def test_a_resume_at_another_precision_names_the_studys_precision(tiny_cfg):
-    from sweeper.errors import UserError
-    from sweeper.study import run_study
+    from sweeper.loop.study import run_study
+    from sweeper.settings.errors import UserError
 
     tiny_cfg.search.n_trials, tiny_cfg.trainer.max_epochs = 1, 1
     run_study(tiny_cfg)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sweeper import idx
-from sweeper.errors import UserError
+from sweeper.settings.errors import UserError
+from sweeper.train import idx
 
 
 def idx_bytes(a: np.ndarray) -> bytes:

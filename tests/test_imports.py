@@ -21,8 +21,8 @@ spec.loader.exec_module(layers)
 def test_no_import_circles() -> None:
     edges = layers.graph(REPO)
     # The reader sees imports inside functions too (this one closed a circle before).
-    assert "sweeper.sweep_grammar" in edges["sweeper.config"]
-    assert layers.circles(edges) == []  # before: [['sweeper.config', 'sweeper.sweep_grammar']]
+    assert "sweeper.settings.sweep_grammar" in edges["sweeper.settings.config"]
+    assert layers.circles(edges) == []  # before: config <-> sweep_grammar
 
 
 def test_lightning_modules_never_import_sweeper() -> None:
@@ -31,6 +31,22 @@ def test_lightning_modules_never_import_sweeper() -> None:
     up = sorted((a, b) for a, out in edges.items() if a.startswith("lightning_modules")
                 for b in out if b.startswith("sweeper"))
     assert up == []
+
+
+def test_every_import_goes_down_the_folders() -> None:
+    """sweeper/'s folders are layers (scripts/import_layers.py LAYERS): a module imports its own
+    folder and lower ones, never a higher one; every module has a folder or is a command."""
+    edges = layers.graph(REPO)
+    placed = {m: layers.layer_of(m) for m in edges}
+    assert [m for m, i in placed.items() if i is None] == []
+    assert placed["sweeper.settings.config"] < placed["sweeper.record.ledger"] < placed[
+        "sweeper.train.training"] < placed["sweeper.analysis.report"] < placed[
+        "sweeper.loop.study"] < placed["sweeper.best_model.export"] == placed[
+        "sweeper.best_model.predict"] < placed["sweeper.report"] == placed["sweeper.__main__"]
+    assert layers.upward(edges, set(edges)) == []
+    # and the check can fail: an edge from the record up to the study loop is caught
+    edges["sweeper.record.ledger"] = edges["sweeper.record.ledger"] | {"sweeper.loop.study"}
+    assert layers.upward(edges, set(edges)) == [("sweeper.record.ledger", "sweeper.loop.study")]
 
 
 def test_the_reader_finds_circles_and_relative_imports(tmp_path) -> None:
@@ -69,8 +85,9 @@ def finished_study(tmp_path: Path) -> tuple[str, str]:
     import optuna
 
     from lightning_modules.metrics import EPOCHS_RUN, GAP, TRAIN_ACC, VAL_ACC
-    from sweeper import keys, repeat_records
-    from sweeper.tracking import Tracker
+    from sweeper.record import repeat_records
+    from sweeper.record.tracking import Tracker
+    from sweeper.settings import keys
 
     storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")

@@ -16,23 +16,15 @@ import torch
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
-from sweeper import (
-    checkpoints,
-    data,
-    export,
-    keys,
-    ledger,
-    liveness,
-    population,
-    recipe,
-    repeat_records,
-    search_space,
-    training,
-)
-from sweeper.config import ParamSpec
-from sweeper.errors import UserError
-from sweeper.study import open_storage, open_study, run_study
-from sweeper.tracking import Tracker
+from sweeper.best_model import export
+from sweeper.loop import population
+from sweeper.loop.study import open_storage, open_study, run_study
+from sweeper.record import ledger, liveness, repeat_records
+from sweeper.record.tracking import Tracker
+from sweeper.settings import keys, recipe, search_space
+from sweeper.settings.config import ParamSpec
+from sweeper.settings.errors import UserError
+from sweeper.train import checkpoints, data, training
 from tests.conftest import skip_unless_ci
 from tests.test_faults import diverge_on_build
 from tests.test_study import REPO, runs, sweep
@@ -321,7 +313,7 @@ def test_a_worker_in_another_pid_namespace_is_not_taken_for_dead():
     if prefix is None:
         skip_unless_ci("unshare --pid is not available (util-linux, and root or user "
                        "namespaces)")
-    code = ("import sys; from sweeper import liveness; print(liveness.this_worker(), "
+    code = ("import sys; from sweeper.record import liveness; print(liveness.this_worker(), "
             "flush=True); sys.stdin.read()")
     other = subprocess.Popen([*prefix, sys.executable, "-c", code], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, cwd=REPO,
@@ -381,8 +373,8 @@ def test_diverged_repeats_are_left_out_of_the_means_and_reported(tiny_cfg, monke
 
 @pytest.mark.slow
 def test_population_and_study_modules_do_not_import_each_other():
-    code = ("import sys, sweeper.population, sweeper.outcome, sweeper.repeats; "
-            "print('sweeper.study' in sys.modules)")
+    code = ("import sys, sweeper.loop.population, sweeper.loop.outcome, sweeper.loop.repeats; "
+            "print('sweeper.loop.study' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False", out.stderr

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sweeper import data, kaggle
-from sweeper.config import DataConfig
-from sweeper.errors import UserError
+from sweeper.settings.config import DataConfig
+from sweeper.settings.errors import UserError
+from sweeper.train import data, kaggle
 
 HEADER = ",".join(kaggle.PIXELS)
 

@@ -1,4 +1,4 @@
-"""The ledger (sweeper/ledger.py): its writes store what Optuna's public calls store, a trial
+"""The ledger (sweeper/record/ledger.py): its writes store what Optuna's public calls store, a trial
 another worker ended refuses alone, one heartbeat covers every held trial, and seed-repeat
 claims never replace a result."""
 
@@ -18,11 +18,14 @@ from optuna.trial import TrialState
 from sqlalchemy import event
 
 from lightning_modules.metrics import VAL_ACC
-from sweeper import keys, ledger, population, training
-from sweeper import study as study_loop
-from sweeper.config import ParamSpec
-from sweeper.ledger import DeadTrials, Ledger
-from sweeper.study_lock import StudyLock
+from sweeper.loop import population
+from sweeper.loop import study as study_loop
+from sweeper.record import ledger
+from sweeper.record.ledger import DeadTrials, Ledger
+from sweeper.record.study_lock import StudyLock
+from sweeper.settings import keys
+from sweeper.settings.config import ParamSpec
+from sweeper.train import training
 from tests.test_faults import wait_for_state
 
 ATTRS = {"val_acc": 0.98, "epochs_run": 3, "checkpoint": "/x/y.pt", "nested": {"a": [1, 2]},

@@ -12,9 +12,10 @@ import pytest
 from optuna.trial import TrialState
 
 from lightning_modules.models import Architecture
-from sweeper import keys, training
-from sweeper.errors import UserError
-from sweeper.study import run_study
+from sweeper.loop.study import run_study
+from sweeper.settings import keys
+from sweeper.settings.errors import UserError
+from sweeper.train import training
 from tests.cli import refusal
 from tests.test_study import REPO
 
@@ -56,7 +57,7 @@ def peak_bytes():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 torch.set_num_threads(1)
-from sweeper import training
+from sweeper.train import training
 from lightning_modules.models import Architecture, build_model
 arch = eval(sys.argv[1])
 spec = training.TrialSpec(arch=arch, optimizer=sys.argv[2], lr_schedule="constant", lr=1e-3,

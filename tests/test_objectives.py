@@ -8,10 +8,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper import console, export, keys, objectives, report
-from sweeper.config import validate
-from sweeper.errors import UserError
-from sweeper.study import run_study
+from sweeper.analysis import console, report
+from sweeper.best_model import export
+from sweeper.loop.study import run_study
+from sweeper.settings import keys, objectives
+from sweeper.settings.config import validate
+from sweeper.settings.errors import UserError
 from tests.conftest import make_tiny_cfg
 from tests.test_study import runs
 
@@ -162,7 +164,7 @@ def test_adding_objectives_to_a_single_objective_study_is_refused(tiny_cfg):
 def test_objective_best_takes_every_objective_from_the_best_epoch():
     """search.objective=best: val_acc, train_acc and the gap of one epoch, the best (before:
     the best epoch's val_acc beside the last epoch's train_acc and gap)."""
-    from sweeper.config import Config
+    from sweeper.settings.config import Config
 
     history = [{"val_acc": 0.90, "train_acc": 0.91, "gap": 0.01},
                {"val_acc": 0.95, "train_acc": 0.97, "gap": 0.02},

@@ -13,11 +13,14 @@ from mlflow import MlflowClient
 
 from lightning_modules.metrics import EPOCH_METRICS, EPOCHS_RUN, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import checkpoints, data, keys, ledger, population, training
-from sweeper.config import AugmentConfig, Config, DataConfig, ParamSpec
-from sweeper.errors import UserError
-from sweeper.keys import ROLE_TAG
-from sweeper.study import run_study
+from sweeper.loop import population
+from sweeper.loop.study import run_study
+from sweeper.record import ledger
+from sweeper.settings import keys
+from sweeper.settings.config import AugmentConfig, Config, DataConfig, ParamSpec
+from sweeper.settings.errors import UserError
+from sweeper.settings.keys import ROLE_TAG
+from sweeper.train import checkpoints, data, training
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_grid_population_is_bucketed_by_shape(tiny_cfg: Config):
 
 
 def test_population_is_for_mlps_and_cnns():
-    from sweeper.config import validate
+    from sweeper.settings.config import validate
 
     cfg = Config()
     cfg.search.space = {"width": ParamSpec("int", low=16, high=32)}
@@ -353,7 +356,7 @@ def test_a_population_writes_only_the_weights_it_keeps(tiny_cfg: Config, monkeyp
 
 @pytest.mark.slow
 def test_a_refused_metrics_write_fails_the_population(tiny_cfg: Config, monkeypatch):
-    from sweeper.tracking import Tracker
+    from sweeper.record.tracking import Tracker
 
     def refuse(self, run_id, metrics, step):
         raise RuntimeError("the store refused the write")
@@ -375,7 +378,7 @@ def test_a_refused_metrics_write_fails_the_population(tiny_cfg: Config, monkeypa
 def test_a_refused_run_end_is_raised_after_every_member_is_told(tiny_cfg: Config, monkeypatch):
     """Run ends go through the population's background writer: a store that refuses them
     stops the study with its error, but only after Optuna has every member's result."""
-    from sweeper.tracking import Tracker
+    from sweeper.record.tracking import Tracker
 
     def refuse(self, run_id, state, metrics, error=None, status=None):
         raise RuntimeError("the store refused the end")

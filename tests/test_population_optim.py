@@ -10,8 +10,9 @@ from lightning_modules import population_optim
 from lightning_modules.models import Architecture
 from lightning_modules.population_optim import StackedOptimizer
 from lightning_modules.schedules import lr_factor
-from sweeper import data, population, training
-from sweeper.config import LR_SCHEDULES, OPTIMIZERS, DataConfig
+from sweeper.loop import population
+from sweeper.settings.config import LR_SCHEDULES, OPTIMIZERS, DataConfig
+from sweeper.train import data, training
 
 SHAPES = [(6, 5), (6,), (3, 2, 2, 2), (3,)]  # per member: linear, bias, conv kernel, bias
 LRS = [1e-2, 2e-2, 5e-3, 3e-2]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sweeper import data, predict
-from sweeper.config import DataConfig
-from sweeper.errors import UserError
-from sweeper.synthetic_photos import drawn
+from sweeper.best_model import predict
+from sweeper.best_model.synthetic_photos import drawn
+from sweeper.settings.config import DataConfig
+from sweeper.settings.errors import UserError
+from sweeper.train import data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +112,7 @@ STROKES = (4, 5, 7)  # digits drawn as pen strokes (synthetic_photos.drawn), not
 
 
 def photographed(digit: np.ndarray, settings, seed: int, tmp_path) -> Path:
-    from sweeper import synthetic_photos as sp
+    from sweeper.best_model import synthetic_photos as sp
 
     rng = np.random.default_rng(seed)
     path = tmp_path / f"photo{seed}.{'jpg' if settings.jpeg else 'png'}"
@@ -122,7 +123,7 @@ def photographed(digit: np.ndarray, settings, seed: int, tmp_path) -> Path:
 def test_a_photo_on_ruled_paper_becomes_the_clean_page_input(tmp_path):
     from dataclasses import replace
 
-    from sweeper import synthetic_photos as sp
+    from sweeper.best_model import synthetic_photos as sp
 
     clean = replace(sp.BASE, height=(0.4, 0.4))
     photo = replace(clean, pen=sp.BLUE_PEN, lines="ruled", line_strength=0.8, shadow=0.35,
@@ -142,7 +143,7 @@ def test_a_photo_on_ruled_paper_becomes_the_clean_page_input(tmp_path):
 def test_squared_paper_and_a_small_digit(tmp_path):
     from dataclasses import replace
 
-    from sweeper import synthetic_photos as sp
+    from sweeper.best_model import synthetic_photos as sp
 
     clean = replace(sp.BASE, height=(0.4, 0.4))
     want = predict.to_mnist(predict.load_image(photographed(drawn(4), clean, 0, tmp_path)))
@@ -155,7 +156,7 @@ def test_squared_paper_and_a_small_digit(tmp_path):
 def test_no_digit_or_several_digits_are_refused(tmp_path):
     import cv2
 
-    from sweeper.find_digit import NoDigit
+    from sweeper.best_model.find_digit import NoDigit
 
     page = np.full((480, 640), 0.95, np.float32)
     page[::40] = 0.7  # ruled lines, a speck, a soft shadow: no digit
@@ -202,7 +203,7 @@ MEASURE = """
 import resource, sys
 from pathlib import Path
 import cv2, numpy, PIL.Image
-from sweeper import predict
+from sweeper.best_model import predict
 def cpu_s(): r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime
 def status(key): return int(next(l.split()[1] for l in open("/proc/self/status")
                                  if l.startswith(key + ":"))) / 1024  # MB
@@ -240,7 +241,7 @@ def test_big_images_are_read_in_bounded_memory_and_time(tmp_path):
     import subprocess
     import sys
 
-    from sweeper import synthetic_photos as sp
+    from sweeper.best_model import synthetic_photos as sp
 
     photo = sp.render(drawn(7), sp.BASE, np.random.default_rng(0))
     big = Image.fromarray(photo).resize((4000, 3000), Image.Resampling.BILINEAR)
@@ -303,7 +304,7 @@ def test_photos_are_read_as_well_as_clean_digits(small_reader, tmp_path):
     (20 photos each) and 60 mixtures: read about as well as the same digits as plain 28x28
     images. Before issue 33 (measured with this test): ruled paper 42%, squared 38%, shadow
     40%, specks 17%, vignetting 43%, a table around the page 8%, mixtures 17%."""
-    from sweeper import synthetic_photos as sp
+    from sweeper.best_model import synthetic_photos as sp
 
     read, images, labels = small_reader
     rng = np.random.default_rng(33)
@@ -334,8 +335,8 @@ def test_photos_are_read_as_well_as_clean_digits(small_reader, tmp_path):
 def test_two_digits_side_by_side_are_refused(small_reader, tmp_path):
     from dataclasses import replace
 
-    from sweeper import synthetic_photos as sp
-    from sweeper.find_digit import NoDigit
+    from sweeper.best_model import synthetic_photos as sp
+    from sweeper.best_model.find_digit import NoDigit
 
     _, images, _ = small_reader
     rng = np.random.default_rng(7)
@@ -355,7 +356,7 @@ def test_two_digits_side_by_side_are_refused(small_reader, tmp_path):
 def test_a_phone_photo_stored_sideways_is_turned_upright(tmp_path):
     from dataclasses import replace
 
-    from sweeper import synthetic_photos as sp
+    from sweeper.best_model import synthetic_photos as sp
 
     settings = replace(sp.BASE, height=(0.4, 0.4), size=(480, 640))  # portrait
     upright = photographed(drawn(7), settings, 0, tmp_path)

@@ -10,9 +10,11 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import GAP, VAL_ACC
-from sweeper import repeat_records, repeats, report, stats
-from sweeper.keys import REPEAT_TAG, ROLE_TAG, TRIAL_TAG
-from sweeper.study import run_study
+from sweeper.analysis import report, stats
+from sweeper.loop import repeats
+from sweeper.loop.study import run_study
+from sweeper.record import repeat_records
+from sweeper.settings.keys import REPEAT_TAG, ROLE_TAG, TRIAL_TAG
 
 FILES = {"report.md", "gap_vs_params.png", "val_vs_params.png", "gap_vs_dropout.png",
          "heatmap_val.png", "heatmap_gap.png", "learning_curves.png", "importance_val.png",

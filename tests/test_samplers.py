@@ -6,9 +6,10 @@ import numpy as np
 import optuna
 import torch
 
-from sweeper import data, search_space
-from sweeper.config import ParamSpec
-from sweeper.study import open_storage, open_study
+from sweeper.loop.study import open_storage, open_study
+from sweeper.settings import search_space
+from sweeper.settings.config import ParamSpec
+from sweeper.train import data
 
 
 def tiny_splits() -> data.Splits:

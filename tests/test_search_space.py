@@ -1,8 +1,8 @@
 import optuna
 import pytest
 
-from sweeper import search_space
-from sweeper.config import ParamSpec
+from sweeper.settings import search_space
+from sweeper.settings.config import ParamSpec
 
 
 def test_grid_values_hit_decimal_steps_exactly():

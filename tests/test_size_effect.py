@@ -7,9 +7,10 @@ import optuna
 import pytest
 
 from lightning_modules.metrics import GAP, TRAIN_ACC, VAL_ACC
-from sweeper import keys, report, size_effect, stats
-from sweeper.size_effect import Trial
-from sweeper.study import summary
+from sweeper.analysis import report, size_effect, stats
+from sweeper.analysis.size_effect import Trial
+from sweeper.loop.study import summary
+from sweeper.settings import keys
 
 
 def study(per_decade: float, n: int = 24, noise: float = 0.1, per_layer: float = 0.0,
@@ -231,8 +232,8 @@ def test_the_drawn_curve_is_the_verdicts_curve():
 
 
 def test_a_short_study_suggests_a_longer_refit_to_ship():
-    from sweeper import console
-    from sweeper.config import Config
+    from sweeper.analysis import console
+    from sweeper.settings.config import Config
 
     cfg, s = Config(name="dvw"), optuna.create_study()
     cfg.search.study_name, cfg.trainer.max_epochs = "dvw", 8

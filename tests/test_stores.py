@@ -5,8 +5,8 @@ import sqlite3
 
 from mlflow import MlflowClient
 
-from sweeper import store_schema
-from sweeper.tracking import Tracker
+from sweeper.record import store_schema
+from sweeper.record.tracking import Tracker
 
 
 def test_packaged_mlflow_schema_is_what_mlflows_migrations_make():

@@ -13,11 +13,11 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import EPOCH_METRICS
-from sweeper import data, training
-from sweeper.config import ParamSpec
-from sweeper.errors import UserError
-from sweeper.keys import ROLE_TAG, STATE_TAG, TRIAL_TAG
-from sweeper.study import run_study
+from sweeper.loop.study import run_study
+from sweeper.settings.config import ParamSpec
+from sweeper.settings.errors import UserError
+from sweeper.settings.keys import ROLE_TAG, STATE_TAG, TRIAL_TAG
+from sweeper.train import data, training
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"depth", "width", "dropout", "lr", "batch_size", "max_epochs", "n_params", "seed"}

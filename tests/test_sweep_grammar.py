@@ -5,10 +5,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sweeper import sweep_grammar
-from sweeper.config import ParamSpec, to_config, validate
-from sweeper.errors import UserError
-from sweeper.recipe import identity
+from sweeper.settings import sweep_grammar
+from sweeper.settings.config import ParamSpec, to_config, validate
+from sweeper.settings.errors import UserError
+from sweeper.settings.recipe import identity
 from tests.test_config import CONF, compose_cfg
 from tests.test_study import sweep
 

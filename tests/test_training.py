@@ -10,9 +10,9 @@ import torch
 
 from lightning_modules.metrics import EPOCH_METRICS, GAP, TRAIN_ACC, VAL_ACC
 from lightning_modules.models import Architecture
-from sweeper import data, training
-from sweeper.batches import ShuffledGroups
-from sweeper.config import DataConfig
+from sweeper.settings.config import DataConfig
+from sweeper.train import data, training
+from sweeper.train.batches import ShuffledGroups
 
 
 def test_shuffled_groups_cover_each_row_once_per_epoch():
@@ -127,7 +127,7 @@ def test_bf16_note_only_where_bfloat16_would_be_emulated(monkeypatch):
 def test_bf16_note_on_a_cpu_limited_to_avx2():
     # Unpatched detection, in a process whose oneDNN may use only AVX2 (where the 279 s epoch
     # was measured): the note must show; without the cap it shows iff no bf16 instructions.
-    code = ("import torch; from sweeper import training; "
+    code = ("import torch; from sweeper.train import training; "
             "print(training.bf16_note('bf16', torch.device('cpu')))")
     uncapped = {k: v for k, v in os.environ.items()
                 if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}

@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lightning_modules.metrics import VAL_ACC
-from sweeper import keys
-from sweeper.keys import TRIAL_TAG
+from sweeper.settings import keys
+from sweeper.settings.keys import TRIAL_TAG
 from tests.postgres import free_port
 from tests.test_faults import Sweep, wait_for_state
 from tests.test_study import runs

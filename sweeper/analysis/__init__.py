@@ -1,0 +1,1 @@
+"""Analysis: the size effect, its statistics and calibration, the report, console lines."""

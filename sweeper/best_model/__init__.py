@@ -1,0 +1,1 @@
+"""What the best model is for: export, Kaggle submission, reading a digit from a photo."""

@@ -1,0 +1,1 @@
+"""The study loop: asking trials, populations, seed repeats, how a trial ends."""

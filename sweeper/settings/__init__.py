@@ -1,0 +1,1 @@
+"""Configuration and search space: the typed config, the sweep grammar, keys, errors."""

@@ -1,0 +1,1 @@
+"""Data and training: MNIST-family loading, batches on the device, one trial's fit."""
