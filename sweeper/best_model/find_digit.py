@@ -18,6 +18,7 @@ side, is refused (NoDigit) rather than guessed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,6 +41,8 @@ class NoDigit(UserError):
     def __init__(self, message: str, view: np.ndarray):
         super().__init__(message)
         self.view = view
+        self.lines = 0  # ruled or squared lines found before the refusal
+        self.tight = False  # the image's ink touched all four of its sides
 
 
 def shrink(grey: np.ndarray, side: int) -> np.ndarray:
@@ -129,8 +132,9 @@ def line_kernel(length: int, degrees: float) -> np.ndarray:
     return kernel
 
 
-def horizontal_lines(mask: np.ndarray) -> tuple[np.ndarray, float]:
-    """Where `mask` (uint8 0/1) has long thin near-horizontal lines, and their thickness in px.
+def horizontal_lines(mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Where `mask` (uint8 0/1) has long thin near-horizontal lines, their thickness in px, and
+    how many there are.
     At low resolution (max-pooled), straight runs a quarter of the width long at each small
     tilt (openings with line kernels) are joined; what spans nearly the whole width and is thin
     for its length is a line where there are two or more (ruled paper) or one across all of
@@ -155,30 +159,32 @@ def horizontal_lines(mask: np.ndarray) -> tuple[np.ndarray, float]:
     long = (spans >= LINE_LENGTH * width) & (spans >= 12 * thick)
     keep = long & ((spans >= 0.95 * width) | (long.sum() >= 2))
     if not keep.any():
-        return np.zeros_like(mask), 0.0
+        return np.zeros_like(mask), 0.0, 0
     region: np.ndarray = np.isin(labels, 1 + np.flatnonzero(keep)).astype(np.uint8)
     if p > 1:
         region = cv2.resize(region, (w, h), interpolation=cv2.INTER_NEAREST)
     region = cv2.dilate(region, np.ones((3, 3), np.uint8))
-    return region, float((region & mask).sum() / (p * spans[keep].sum()))
+    return region, float((region & mask).sum() / (p * spans[keep].sum())), int(keep.sum())
 
 
-def remove_lines(mask: np.ndarray, loose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`mask` without ruled or squared lines (found on the looser `loose` mask); and the
-    removed pixels. Within a line's band only what is no thicker than the line goes: a stroke
-    crossing it, or lying along it, is taller than the line and stays."""
+def remove_lines(mask: np.ndarray, loose: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """`mask` without ruled or squared lines (found on the looser `loose` mask), the removed
+    pixels, and how many lines were found. Within a line's band only what is no thicker than
+    the line goes: a stroke crossing it, or lying along it, is taller than the line and
+    stays."""
     import cv2
 
-    lines = np.zeros_like(mask)
+    lines, count = np.zeros_like(mask), 0
     for axis in (0, 1):  # rows, then columns (the same on the transposed image)
         m, lo = (mask, loose) if axis == 0 else (mask.T, loose.T)
-        region, thickness = horizontal_lines(np.ascontiguousarray(lo))
+        region, thickness, n = horizontal_lines(np.ascontiguousarray(lo))
+        count += n
         if thickness:
             across = np.ones((math.ceil(thickness) + 2, 1), np.uint8)
             thicker: np.ndarray = cv2.morphologyEx(np.ascontiguousarray(m), cv2.MORPH_OPEN, across)
             found = region & lo & ~thicker & 1
             lines |= found if axis == 0 else found.T
-    return mask & ~lines & 1, lines
+    return mask & ~lines & 1, lines, count
 
 
 def pick_digit(mask: np.ndarray, ink: np.ndarray, faint: float) -> np.ndarray:
@@ -229,9 +235,63 @@ def pick_digit(mask: np.ndarray, ink: np.ndarray, faint: float) -> np.ndarray:
 def find_digit(grey: np.ndarray) -> np.ndarray:
     """[H, W] in [0, 1], any polarity -> the digit's ink [h, w] in [0, 1], white on black,
     cropped to the digit."""
+    grey = shrink(np.asarray(grey, np.float32), WORK_SIDE)
+    try:
+        found: Found | None = _find(grey)
+    except NoDigit as e:
+        found, refusal = None, e
+    # A drawing cropped tight to its ink has strokes along all four sides of the image, where
+    # the rules for ruled lines and a page's edge look: a 7's bar went as a line, a 1 as the
+    # page's edge. Such an image, unless it is ruled or squared paper (two lines or more), is
+    # read again on a margin of its own ground (the rim's level), and that reading is kept
+    # when it finds more of a digit.
+    tight, lines = (found.tight, found.lines) if found is not None else (refusal.tight,
+                                                                          refusal.lines)
+    if not tight or lines >= 2:
+        if found is None:
+            raise refusal
+        return found.ink
+    h, w = grey.shape
+    m = max(h, w) // 4 + 1
+    rim = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    try:
+        wide: Found | None = _find(_pad(grey, m, float(np.median(rim))))
+    except NoDigit:
+        wide = None
+    if wide is not None and (found is None or wide.ink.size > found.ink.size):
+        return wide.ink
+    if found is None:
+        raise refusal
+    return found.ink
+
+
+@dataclass
+class Found:
+    ink: np.ndarray  # the digit's ink, cropped
+    tight: bool  # the image's ink touches all four of its sides
+    lines: int  # ruled or squared lines found and removed
+
+
+def touches_every_side(grey: np.ndarray) -> bool:
+    """Something far from the ground's level (the rim's median) on each side of the image: ink
+    cut by all four sides, as in a tight crop (or lines, or a table, seen all round)."""
+    rim = [grey[0], grey[-1], grey[:, 0], grey[:, -1]]
+    level = float(np.median(np.concatenate(rim)))
+    far = 0.5 * (float(grey.max()) - float(grey.min()))
+    return all(float(np.abs(side - level).max()) >= far for side in rim)
+
+
+def _pad(grey: np.ndarray, margin: int, level: float) -> np.ndarray:
     import cv2
 
-    ink = local_ink(shrink(np.asarray(grey, np.float32), WORK_SIDE))
+    return cv2.copyMakeBorder(grey, margin, margin, margin, margin, cv2.BORDER_CONSTANT,
+                              value=level)
+
+
+def _find(grey: np.ndarray) -> Found:
+    import cv2
+
+    ink = local_ink(grey)
     # Thresholds relative to the image's darkest ink (a speck-proof maximum) and its noise.
     level = float(cv2.medianBlur((ink * 255).astype(np.uint8), 3).max()) / 255
     level = max(level, float(ink.max()) / 2)
@@ -239,12 +299,17 @@ def find_digit(grey: np.ndarray) -> np.ndarray:
     noise = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
     mask = (ink > max(0.4 * level, 4 * noise, BLANK)).astype(np.uint8)
     loose = (ink > max(0.15 * level, 4 * noise, BLANK)).astype(np.uint8)
-    kept, lines = remove_lines(mask, loose)
-    digit = pick_digit(kept, ink, max(MIN_INK, 6 * noise))
+    kept, lines, n_lines = remove_lines(mask, loose)
+    tight = touches_every_side(grey)
+    try:
+        digit = pick_digit(kept, ink, max(MIN_INK, 6 * noise))
+    except NoDigit as e:
+        e.lines, e.tight = n_lines, tight
+        raise
     rows, cols = np.nonzero(digit)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     # The strokes' anti-aliased edges come with them; the lines' pixels do not.
     near = cv2.dilate(digit.astype(np.uint8), np.ones((3, 3), np.uint8)) & ~lines & 1
     out = (ink * near)[max(0, top - 1):bottom + 1, max(0, left - 1):right + 1]
     core = out[digit[max(0, top - 1):bottom + 1, max(0, left - 1):right + 1]]
-    return np.clip(out / float(np.percentile(core, 90)), 0, 1)
+    return Found(np.clip(out / float(np.percentile(core, 90)), 0, 1), tight, n_lines)
