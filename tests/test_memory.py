@@ -29,6 +29,24 @@ def test_a_space_whose_largest_network_cannot_fit_is_refused_at_start(tmp_path):
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
 
+def test_a_range_of_billions_is_refused_without_listing_it(tmp_path):
+    # Before: the check listed every step of the range (3.4 GB in 20 s, no refusal), and a
+    # width of 1e300 or a grid of billions of points crashed or listed them too.
+    import tracemalloc
+
+    tracemalloc.start()
+    message = refusal(tmp_path, "+experiment=smoke", "search.space.width=range(1,2000000000)")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "lower search.space.width.high" in message and peak < 1e9, peak  # a list: 16 GB+
+    assert "out of range: must be below 2**31" in refusal(
+        tmp_path, "+experiment=smoke", "search.space.width=interval(16,1e300)")
+    grid = refusal(tmp_path, "+experiment=smoke", "search.sampler=grid",
+                   "search.space.depth=range(1,2)", "search.space.lr=choice(0.001)",
+                   "search.space.width=range(1,2000000000)")
+    assert "the grid has 4,000,000,000 points, more than 1,000,000" in grid
+
+
 @pytest.mark.slow
 def test_the_setting_named_is_the_one_that_makes_the_network_too_big(tmp_path):
     message = refusal(tmp_path, "+experiment=smoke", "search.space.depth.high=5000",

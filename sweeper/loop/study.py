@@ -32,7 +32,7 @@ from sweeper.record.ledger import DeadTrials, Ledger
 from sweeper.record.study_lock import StudyLock
 from sweeper.record.tracking import Tracker
 from sweeper.settings import faultpoints, keys, objectives, recipe, search_space
-from sweeper.settings.config import Config
+from sweeper.settings.config import Config, grid_count
 from sweeper.settings.errors import DiskFull, Refused, UserError, disk_full, one_line
 from sweeper.train import checkpoints, data, training
 
@@ -226,7 +226,7 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
     s = cfg.search
     target = s.n_trials
     if s.sampler == "grid":
-        size = math.prod(len(v) for v in search_space.grid(s.space).values())
+        size = math.prod(grid_count(spec) for spec in s.space.values())
         if target > size:
             print(f"note: the grid has {size} points; running {size} trials, not {target}")
             target = size

@@ -7,6 +7,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -383,12 +384,30 @@ def validate(cfg: Config) -> None:
            "or define search.space in YAML (see docs/guide.md, 'Writing a search space')")
     for name, spec in s.space.items():
         _validate_param(name, spec, s.sampler)
+    if s.sampler == "grid":
+        points = math.prod(grid_count(spec) for spec in s.space.values())
+        _check(points <= MAX_GRID, f"search.space: the grid has {points:,} points, more than "
+               f"{MAX_GRID:,}; use larger steps or fewer values (or another sampler)")
     c = cfg.confirm
     _check(c.seeds >= 0 and c.top_k >= 0 and c.ladder >= 0,
            "confirm.seeds, confirm.top_k and confirm.ladder must be >= 0")
     for i, fixed in enumerate(s.enqueue):
         unknown = sorted(set(fixed) - set(s.space))
         _check(not unknown, f"search.enqueue[{i}]: {unknown} not in search.space")
+
+
+MAX_GRID = 1_000_000  # grid points (the grid sampler lists every one)
+MAX_INT = 2**31
+
+
+def grid_count(p: ParamSpec) -> int:
+    """How many values the grid takes of one validated parameter, without listing them."""
+    if p.type == "categorical":
+        return len(p.choices or [])
+    if p.step is None:  # low == high
+        return 1
+    lo, hi, step = (Decimal(str(v)) for v in (p.low, p.high, p.step))
+    return int((hi - lo) // step) + 1
 
 
 def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
@@ -419,6 +438,11 @@ def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
             _check(p.step is not None or p.low == p.high,
                    f"{key}: search.sampler=grid needs 'step' (or type: categorical) for every "
                    "parameter")
+        # Sizes past this overflow the arithmetic of the memory estimate and of the layers
+        # themselves long before they could fit anywhere.
+        _check(p.type != "int" or max(abs(p.low), abs(p.high)) < MAX_INT,
+               f"{key}: {float(max(abs(p.low), abs(p.high))):.4g} is out of range: must be below "
+               "2**31")
         values = [p.low, p.high]
     def number(v: Any) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool)

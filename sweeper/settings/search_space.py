@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from sweeper.settings.config import ParamSpec
+from sweeper.settings.config import ParamSpec, grid_count
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec], default_depth: int) -> dict[str, Any]:
@@ -37,13 +37,16 @@ def grid_values(spec: ParamSpec) -> list[Any]:
     """Every value a grid sampler visits for one parameter (validated: step or categorical)."""
     if spec.type == "categorical":
         return list(spec.choices or [])
-    if spec.step is None:  # low == high
-        return [spec.low]
+    return [step_value(spec, i) for i in range(grid_count(spec))]
+
+
+def step_value(spec: ParamSpec, i: int) -> Any:
+    """The i-th value of a stepped parameter (low itself when it has no step)."""
+    if spec.step is None:
+        return spec.low
     # Decimal steps so that 0.1 * 3 lands on 0.3, not 0.30000000000000004.
-    lo, hi, step = (Decimal(str(v)) for v in (spec.low, spec.high, spec.step))
-    count = int((hi - lo) // step) + 1
-    cast = int if spec.type == "int" else float
-    return [cast(lo + i * step) for i in range(count)]
+    lo, step = Decimal(str(spec.low)), Decimal(str(spec.step))
+    return (int if spec.type == "int" else float)(lo + i * step)
 
 
 def grid(space: dict[str, ParamSpec]) -> dict[str, list[Any]]:
@@ -72,8 +75,10 @@ def extreme_points(space: dict[str, ParamSpec], default_depth: int,
     base: dict[str, Any] = {}
     kinds: list[dict[str, Any]] = [{}]
     for name, spec in space.items():
-        values = grid_values(spec) if spec.type == "categorical" or spec.step is not None \
-            else [spec.low, spec.high]
+        # the ends only (a range of a billion steps is never listed)
+        values = (grid_values(spec) if spec.type == "categorical" else
+                  [spec.low, step_value(spec, grid_count(spec) - 1)] if spec.step is not None
+                  else [spec.low, spec.high])
         if name in GROWS:
             numeric = [v for v in values if isinstance(v, int | float)]
             base[name] = (max if largest else min)(numeric) if numeric else values[0]

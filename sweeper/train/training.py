@@ -7,6 +7,7 @@ called after each epoch's evaluation, and does reporting/pruning/logging there.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -212,14 +213,23 @@ def train_bytes(spec: TrialSpec, in_shape: tuple[int, ...], n_classes: int = 10
     training batch (x2: the gradients flowing back) or evaluation's largest layer at its batch
     size, whichever is more; 25% margin. MLPs by formula; conv nets by a forward pass on the
     meta device (shapes only). 1-2.5x the measured peak (tests/test_memory.py)."""
-    with torch.device("meta"):
-        net = build_model(spec.arch, in_shape, n_classes).train()
-    params = count_params(net)
     a = spec.arch
+    try:
+        with torch.device("meta"):
+            net = build_model(spec.arch, in_shape, n_classes).train()
+        params = count_params(net)
+    except RuntimeError as e:  # a layer too large for torch's size arithmetic (int64 bytes)
+        if "overflow" not in str(e) or a.family != "mlp":
+            raise UserError(f"a network of this search space is too large to build ({e}); "
+                            "lower the largest size setting") from None
+        sizes = [math.prod(in_shape), *a.hidden, n_classes]  # weights and biases
+        params = sum((i + 1) * o for i, o in itertools.pairwise(sizes))
+        net = None
     if a.family == "mlp":  # per image: flatten, then linear, ReLU (and dropout) per layer
         outs = [math.prod(in_shape), *(h for h in a.hidden for _ in range(2 + (a.dropout > 0))),
                 n_classes]
     else:
+        assert net is not None  # built: only an MLP is counted without building
         outs = []
         hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o[0].numel()))
                  for m in net.modules() if not list(m.children())]
