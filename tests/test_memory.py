@@ -43,6 +43,7 @@ def test_a_range_of_billions_is_refused_without_listing_it(tmp_path):
         tmp_path, "+experiment=smoke", "search.space.width=interval(16,1e300)")
     grid = refusal(tmp_path, "+experiment=smoke", "search.sampler=grid",
                    "search.space.depth=range(1,2)", "search.space.lr=choice(0.001)",
+                   "search.space.dropout=choice(0.1)",
                    "search.space.width=range(1,2000000000)")
     assert "the grid has 4,000,000,000 points, more than 1,000,000" in grid
 
