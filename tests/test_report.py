@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from lightning_modules.metrics import GAP, VAL_ACC
 from sweeper.analysis import report, stats
+from sweeper.analysis.report import main as report_main
 from sweeper.loop import repeats
 from sweeper.loop.study import run_study
 from sweeper.record import repeat_records
@@ -133,3 +134,17 @@ def test_report_cli_errors_are_one_line(tmp_path, capsys):
     assert report.main(["--study", "missing", "--storage", storage, "--no-mlflow",
                         "--out", str(tmp_path / "r")]) == 2
     assert "no study 'missing'" in capsys.readouterr().err
+
+
+def test_a_missing_store_or_a_bad_margin_is_one_line_and_writes_nothing(tmp_path, monkeypatch,
+                                                                          capsys):
+    # Before: an empty typo.db, mlruns/optuna.db and mlruns/reports/nope/ were made, then "no
+    # study"; --margin 0 or nan ended in a ZeroDivisionError or ValueError traceback.
+    monkeypatch.chdir(tmp_path)
+    assert report_main(["--study", "nope", "--storage", "sqlite:///typo.db"]) == 2
+    assert "--storage sqlite:///typo.db: no such file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    for margin in ("0", "nan", "-1"):
+        assert report_main(["--study", "nope", "--margin", margin]) == 2
+        assert f"--margin {float(margin)}: give a number of points > 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -568,12 +568,21 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = stores.sqlite_path(storage)
+    if db is not None and not db.is_file():  # Optuna would create an empty store there
+        raise UserError(f"--storage {storage}: no such file (run this where the sweep ran, or "
+                        "pass --storage sqlite:///PATH/optuna.db)")
+    tracking_db = stores.sqlite_path(tracking_uri) if tracking_uri else None
+    if tracking_db is not None and not tracking_db.is_file():
+        raise UserError(f"--tracking-uri {tracking_uri}: no such file (pass the sweep's "
+                        "tracking.uri, or --no-mlflow for a report without curves)")
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise UserError(f"no study {study_name!r} in {storage}") from None
     except Exception as e:
         raise UserError(f"--storage {storage}: {type(e).__name__}: {e}") from None
+    stores.prepare_folder(out, "--out")  # before any work: the report is written there
     rows, excluded = rows_of(study, include_pruned)
     identity = study.user_attrs.get(keys.IDENTITY, {})
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
@@ -628,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--study", required=True, help="the study's search.study_name")
     ap.add_argument("--storage", default=DEFAULT_STORAGE)
-    ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING)
+    ap.add_argument("--tracking-uri", help="default: the mlflow.db beside a SQLite --storage, "
+                    f"else {DEFAULT_TRACKING}")
     ap.add_argument("--no-mlflow", action="store_true", help="no curves, nothing logged")
     ap.add_argument("--out", type=Path, help="default: mlruns/reports/STUDY/")
     ap.add_argument("--include-pruned", action="store_true")
@@ -639,8 +649,13 @@ def main(argv: list[str] | None = None) -> int:
                          "%(default)s)")
     args = ap.parse_args(argv)
     out = args.out or Path("mlruns/reports") / args.study
+    if args.tracking_uri is None:  # the MLflow store the sweep made beside its Optuna store
+        db = stores.sqlite_path(args.storage)
+        args.tracking_uri = f"sqlite:///{db.parent / 'mlflow.db'}" if db else DEFAULT_TRACKING
     try:
-        stores.prepare_folder(out, "--out")  # before any work: the report is written there
+        if not (math.isfinite(args.margin) and args.margin > 0):
+            raise UserError(f"--margin {args.margin}: give a number of points > 0 (default "
+                            f"{size_effect.MARGIN})")
         rep = build(args.study, args.storage, None if args.no_mlflow else args.tracking_uri, out,
                     args.include_pruned, (args.min_params, args.max_params or 2**63)
                     if args.min_params or args.max_params else None, args.margin)
