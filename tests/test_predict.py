@@ -382,3 +382,17 @@ def test_a_phone_photo_stored_sideways_is_turned_upright(tmp_path):
                                                                   quality=95)
     got = predict.to_mnist(predict.load_image(sideways))
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9  # before: a 7 lying on its side
+
+
+def test_a_phone_jpeg_with_a_preview_is_one_jpeg_shrunk_while_decoding(tmp_path):
+    # Pillow opens a JPEG carrying a preview or gain map (many phones) as "MPO". Before: not
+    # shrunk while decoding (above 50 MP refused, saying JPEGs of any size are read) and
+    # "(only frame 1 of 2 was read)" added to its errors.
+    page = np.full((6200, 8200), 255, np.uint8)  # 51 megapixels
+    page[2000:4500, 3500:4200] = 0  # a "1"
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(page).save(path, format="MPO", save_all=True,
+                               append_images=[Image.fromarray(page[:600, :800])])
+    assert Image.open(path).format == "MPO"
+    pixels, frames = predict.read_image(path)
+    assert frames == 1 and max(pixels.shape) <= predict.WORK_SIDE

@@ -35,7 +35,7 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
     depth; and how many frames the file holds (only the first is read). A drawing on a
     transparent background (what drawing apps export) is read from its opacity: the strokes
     are what is opaque, whatever their colour."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
     if path.is_dir():
         raise UserError("is a folder, not an image")
@@ -44,10 +44,13 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
         with im:
-            frames = getattr(im, "n_frames", 1)
+            # A phone's JPEG may be an MPO (Pillow's name for a JPEG with a preview or gain map
+            # as a second "frame"): a JPEG all the same, shrunk while decoding, one picture.
+            jpeg = isinstance(im, JpegImagePlugin.JpegImageFile)
+            frames = 1 if jpeg else getattr(im, "n_frames", 1)
             im.seek(0)  # first frame of a GIF
             w, h = im.size
-            if im.format == "JPEG" and max(w, h) > WORK_SIDE:
+            if jpeg and max(w, h) > WORK_SIDE:
                 s = WORK_SIDE / max(w, h)
                 im.draft(None, (math.ceil(w * s), math.ceil(h * s)))
             if im.width * im.height > MAX_PIXELS:
