@@ -1,6 +1,6 @@
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,3 +80,18 @@ def db_url(request, tmp_path) -> Callable[[str], str]:
     cluster = request.getfixturevalue("postgres_cluster")
     tag = uuid.uuid4().hex[:8]
     return lambda name: cluster.create_db(f"{name}_{tag}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_session_folder(tmp_path_factory) -> Iterator[None]:
+    """Module- and session-scoped fixtures (studies exported once per file) run here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("session-cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _scratch_working_folder(tmp_path_factory, monkeypatch) -> None:
+    """Every test runs in a folder of its own: whatever a command writes relative to where it
+    runs (mlruns/, mlruns/last_export, MLflow's ./mlruns) never lands in the repository."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

@@ -55,6 +55,9 @@ def exported(tmp_path_factory):
                       str(test_csv), "--storage", cfg.search.storage,
                       "--tracking-uri", cfg.tracking.uri])
     assert rc == 0
+    # The model was recorded in the study's experiment: before, MLflow made it in "Default"
+    # and kept a second copy under ./mlruns/0 of the folder the export ran in.
+    assert not (Path.cwd() / "mlruns" / "0").exists()
     return tmp, study, cfg, images
 
 

@@ -342,6 +342,14 @@ def log_to_mlflow(tracking_uri: str, run_id: str | None, model: nn.Module, out: 
     for name in ("torch._export", "torch.export", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     mlflow.set_tracking_uri(tracking_uri)
+    # The model's own record goes to the study's experiment (where its artifacts are kept):
+    # log_model(run_id=...) would otherwise make it in the Default experiment, "0", and store
+    # a second copy of the model under ./mlruns/0 of whatever folder the export ran in.
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_run(run_id).info.experiment_id if run_id is not None else getattr(
+        client.get_experiment_by_name(study), "experiment_id", None)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # MLflow 3 stores PyTorch models as torch.export graphs ('pt2'), traced from an example
@@ -350,7 +358,7 @@ def log_to_mlflow(tracking_uri: str, run_id: str | None, model: nn.Module, out: 
                                         run_id=run_id)
         faultpoints.reached("export-mlflow")
         if run_id is not None:
-            mlflow.MlflowClient(tracking_uri).log_artifacts(run_id, str(out), "export")
+            client.log_artifacts(run_id, str(out), "export")
     return f"{study} version {info.registered_model_version}"
 
 
