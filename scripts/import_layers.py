@@ -40,7 +40,8 @@ OPTUNA_PRIVATE = re.compile(r"\._storage\b|\._study_id\b|\._trial_id\b|_cached_f
 
 
 def optuna_private(root: Path) -> list[str]:
-    """The sweeper modules that use Optuna's internals."""
+    """The sweeper modules that use the internals of Optuna's studies, trials and storages
+    (not of its samplers: loop/samplers.py subclasses GridSampler and reads its attributes)."""
     return sorted(m for m, path in modules(root).items()
                   if m.startswith("sweeper") and OPTUNA_PRIVATE.search(path.read_text()))
 

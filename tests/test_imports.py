@@ -49,6 +49,25 @@ def test_every_import_goes_down_the_folders() -> None:
     assert layers.upward(edges, set(edges)) == [("sweeper.record.ledger", "sweeper.loop.study")]
 
 
+def test_the_report_reaches_no_training_module_and_no_torch_import() -> None:
+    """Fast twin of test_the_report_runs_without_torch: what `python -m sweeper.report` can
+    import, read from the source (imports inside functions too)."""
+    import ast
+
+    edges = layers.graph(REPO)
+    reached = layers.reachable(edges, "sweeper.report")
+    assert "sweeper.analysis.report" in reached
+    assert not [m for m in reached if m.startswith(("sweeper.train", "sweeper.loop"))]
+    heavy = []
+    for m in sorted(reached):
+        for node in ast.walk(ast.parse(layers.modules(REPO)[m].read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            heavy += [(m, n) for n in names if n.partition(".")[0] in (
+                "torch", "torchvision", "lightning", "pytorch_lightning")]
+    assert heavy == []
+
+
 def test_the_reader_finds_circles_and_relative_imports(tmp_path) -> None:
     pkg = tmp_path / "sweeper"
     pkg.mkdir()
