@@ -400,3 +400,25 @@ def test_a_claim_renewed_after_the_result_never_replaces_it(tiny_cfg, monkeypatc
     wait_for_state(renewed.is_set, "the late renew never landed", 120)
     record = study.user_attrs[f"{keys.REPEAT}.{study.best_trial.number}.1"]
     assert VAL_ACC in record and keys.CLAIMED_BY not in record  # before: the claim
+
+
+def test_an_ask_that_fails_part_way_ends_every_trial_it_asked(tmp_path, monkeypatch) -> None:
+    """With the public calls one owner is stamped per write: a failure after the first leaves
+    a stamped trial that is nobody's (before: left RUNNING, counted as running elsewhere, until
+    this process ended or the grace period passed)."""
+    study = optuna.create_study(storage=storage(f"sqlite:///{tmp_path}/o.db", heartbeat=20),
+                                study_name="s", direction="maximize")
+    book = Ledger(study)
+
+    def stamp_one_then_fail(attrs, values, step, beats):
+        first = next(iter(attrs))
+        study._storage.set_trial_user_attr(ledger.trial_id(first), keys.WORKER, book.worker)
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(book, "_write", stamp_one_then_fail)
+    with pytest.raises(OSError, match="went away"):
+        book.ask(lambda: [(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), {})
+                          for _ in range(2)], {})
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert TrialState.RUNNING not in states and states[:2] == [TrialState.FAIL] * 2
+    assert [t.user_attrs.get(keys.RETRY_OF) for t in study.trials[2:]] == [0, 1]  # queued again

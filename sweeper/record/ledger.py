@@ -369,17 +369,21 @@ class Ledger:
         heartbeat, then this worker as its owner and `attrs`, all before the lock is released
         (recover relies on it: a trial with an owner but no heartbeat could never be found
         dead from another machine). An error before that ends the trials it asked."""
+        trials: list[optuna.Trial] = []
         try:
             asked = asker()
             trials = [t for t, _ in asked]
             self._write({t: {keys.WORKER: self.worker} | attrs for t in trials}, {}, 0,
                         list(trials) if self.beating else [])
         except BaseException:
-            # Under the lock an unowned RUNNING trial is one this call asked: end it now, or it
-            # would count as running elsewhere until the next run recovers it.
+            # Under the lock an unowned RUNNING trial is one this call asked, and so are those
+            # it asked (the public calls may have stamped some before failing): end them now,
+            # or they would count as running elsewhere until the next run recovers them.
             with contextlib.suppress(Exception):
+                mine = {trial_id(t) for t in trials}
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                    if keys.WORKER not in t.user_attrs and self.fail_if_running(t):
+                    if (trial_id(t) in mine or keys.WORKER not in t.user_attrs) \
+                            and self.fail_if_running(t):
                         self.requeue(t)
             raise
         with self._mine:
