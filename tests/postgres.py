@@ -39,9 +39,16 @@ class Throwaway:
             self.as_user = ["runuser", "-u", "postgres", "--"]
         data = self.dir / "data"
         self._run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-        self._run("pg_ctl", "-D", str(data), "-l", str(self.dir / "log"), "-w", "start", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                  "-c max_connections=200")
+        for attempt in range(3):  # the free port may be taken meanwhile (pytest-xdist workers)
+            try:
+                self._run("pg_ctl", "-D", str(data), "-l", str(self.dir / "log"), "-w", "start",
+                          "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                          "-c fsync=off -c max_connections=200")
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 2:
+                    raise
+                self.port = free_port()
         self.data = data
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
 
