@@ -353,6 +353,10 @@ def test_the_gap_sentence_says_when_small_networks_did_not_fit_their_training_da
     assert f"train accuracy {gap.underfit[0]:.2f}% at" in text and gap.underfit[0] < 96
     rep = report.analyse("s", rows(95.0), {"sampler": "qmc"}, 0)  # report.md's table too
     assert "| bigger (mixes in underfitting) |" in "\n".join(report.effects_table(rep))
+    # A descriptive study (no verdict: not randomized) says it too (before: the gap alone).
+    val.design = "not a randomized design: the tpe sampler chose settings"
+    text = size_effect.sentence(val, gap, budget)
+    assert "only a description" in text and "mixes underfitting with generalization" in text
     val, gap, budget = report.size_effects(rows(99.5), 0)  # every network fitted: no flag
     assert gap.underfit is None and "gap grew with size" in size_effect.sentence(val, gap,
                                                                                budget)

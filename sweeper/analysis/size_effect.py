@@ -438,7 +438,14 @@ def sentence(val: Effect, gap: Effect | None, budget: str) -> str:
                 + f" ({ci}, as if the trials had been drawn at random; {where}).")
         if gap is not None and gap.verdict != "too few":
             text += (f" The train-validation gap changed by {gap.estimate:+.2f} points "
-                     f"({gap.low:+.2f} to {gap.high:+.2f}).")
+                     f"({gap.low:+.2f} to {gap.high:+.2f})")
+            if gap.underfit is not None:
+                small, large = gap.underfit
+                text += (f", which mixes underfitting with generalization: the smallest "
+                         f"networks did not fit their training data (train accuracy "
+                         f"{small:.2f}% at {params_text(gap.smallest)} against {large:.2f}% "
+                         f"at {params_text(gap.largest)})")
+            text += "."
         if val.depth is not None:
             d, lo, hi = val.depth
             text += (f" At equal size, each extra hidden layer went with {d:+.2f} points of "
