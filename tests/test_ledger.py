@@ -422,3 +422,37 @@ def test_an_ask_that_fails_part_way_ends_every_trial_it_asked(tmp_path, monkeypa
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert TrialState.RUNNING not in states and states[:2] == [TrialState.FAIL] * 2
     assert [t.user_attrs.get(keys.RETRY_OF) for t in study.trials[2:]] == [0, 1]  # queued again
+
+
+def test_a_failing_heartbeat_is_said_once_per_streak(tmp_path, monkeypatch, capsys) -> None:
+    study = optuna.create_study(storage=storage(f"sqlite:///{tmp_path}/o.db", heartbeat=20),
+                                study_name="s", direction="maximize")
+    book = Ledger(study, interval_s=0.01, grace_s=60)
+    calls = [0]
+
+    def broken() -> None:
+        calls[0] += 1
+        raise OSError("database is locked")
+
+    monkeypatch.setattr(book, "beat", broken)
+    book.start()
+    wait_for_state(lambda: calls[0] >= 5, "the heartbeat thread never beat", timeout=30)
+    book.stop()
+    err = capsys.readouterr().err
+    assert err.count("heartbeat could not be written (OSError: database is locked)") == 1, err
+    assert "search.heartbeat_grace_s (60 s)" in err
+
+
+def test_a_killed_self_check_leaves_no_scratch_study_for_good(tmp_path) -> None:
+    from sweeper.record import liveness
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    rdb = storage(url)
+    dead = f"{liveness.this_machine()}:999999999:0"  # a pid that does not exist here
+    assert liveness.is_dead_here(dead)
+    rdb.create_new_study([optuna.study.StudyDirection.MAXIMIZE],
+                         f"{ledger.SELF_CHECK_PREFIX}{dead}/0123")
+    alive = f"{ledger.SELF_CHECK_PREFIX}{liveness.this_worker()}/4567"  # mid-check elsewhere
+    rdb.create_new_study([optuna.study.StudyDirection.MAXIMIZE], alive)
+    assert ledger.self_check(rdb) is None
+    assert [s.study_name for s in rdb.get_all_studies()] == [alive]

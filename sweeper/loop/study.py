@@ -236,6 +236,9 @@ def run_study(cfg: Config, splits: data.Splits | None = None) -> optuna.Study:
         check_stores_agree(cfg, storage, tracker)
         study = open_study(cfg, splits, storage)
         ledger = Ledger(study, lock, s.heartbeat_interval_s, s.heartbeat_grace_s)
+        if ledger.why_not_batched:
+            print(f"note: batched Optuna writes are off ({ledger.why_not_batched}): trial "
+                  "records go through Optuna's own calls, slower, the same record", flush=True)
         parent = tracker.open_parent(
             params={keys.SAMPLER_PARAM: s.sampler, "objective": s.objective,
                     keys.PRUNER_PARAM: "none" if objectives.multi(cfg) else s.pruner,

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import json
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -270,8 +271,16 @@ def self_check(rdb: optuna.storages.RDBStorage) -> str | None:
         return f"Optuna {optuna.__version__} lacks what batched writes use ({e})"
     study_id = None
     try:
-        study_id = rdb.create_new_study([StudyDirection.MAXIMIZE],
-                                        f"{SELF_CHECK_PREFIX}{uuid.uuid4().hex}")
+        # Scratch studies of checks on this machine whose process was killed mid-check.
+        for old in rdb.get_all_studies():
+            owner = old.study_name.removeprefix(SELF_CHECK_PREFIX).rpartition("/")[0]
+            if old.study_name.startswith(SELF_CHECK_PREFIX) and owner and \
+                    liveness.is_dead_here(owner):
+                with contextlib.suppress(Exception):
+                    rdb.delete_study(old._study_id)
+        study_id = rdb.create_new_study(
+            [StudyDirection.MAXIMIZE],
+            f"{SELF_CHECK_PREFIX}{liveness.this_worker()}/{uuid.uuid4().hex}")
         running, done = rdb.create_new_trial(study_id), rdb.create_new_trial(study_id)
         rdb.set_trial_state_values(done, TrialState.COMPLETE, [1.0])
         rdb.set_trial_user_attr(running, "a", "public")  # the batch overwrites both
@@ -342,9 +351,19 @@ class Ledger:
         self.stop()
 
     def _beat_forever(self) -> None:
+        failing = False
         while not self._stop.wait(self.interval_s):
-            with contextlib.suppress(Exception):  # a missed beat is harmless
+            try:
                 self.beat()
+                failing = False
+            except Exception as e:  # a missed beat is harmless; many are not: said once
+                if not failing:
+                    why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                    print(f"warning: this worker's heartbeat could not be written ({why}); if "
+                          "that lasts past search.heartbeat_grace_s "
+                          f"({self.grace_s:g} s), other workers take its trials for dead and "
+                          "run them again", file=sys.stderr, flush=True)
+                failing = True
 
     def beat(self) -> None:
         """One beat: every held trial's heartbeat, then every held claim renewed."""
