@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sweeper.best_model import predict
 from sweeper.best_model import synthetic_photos as sp
@@ -34,8 +33,9 @@ from sweeper.train import data, idx, kaggle
 
 
 def to_mnist_before(grey: np.ndarray) -> np.ndarray:
-    """predict.to_mnist before issue 33, verbatim: the background is one number (the border's
-    median), everything darker is ink, the crop is the bounding box of all ink."""
+    """predict.to_mnist before issue 33 (its MNIST framing, unchanged, is shared): the
+    background is one number (the border's median), everything darker is ink, the crop is the
+    bounding box of all ink."""
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     background = float(np.median(border))
     darker, lighter = background - grey, grey - background
@@ -43,24 +43,7 @@ def to_mnist_before(grey: np.ndarray) -> np.ndarray:
     contrast = float(ink.max())
     if contrast < 0.03:
         raise UserError("blank image: no ink found (nothing differs from the background)")
-    ink = np.clip(ink / contrast, 0, 1)
-    rows, cols = np.nonzero(ink > 0.2)
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    h, w = ink.shape
-    scale = 20 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize(
-        size, Image.Resampling.LANCZOS), dtype=np.float32) / 255
-    small = np.clip(small, 0, 1)
-    ys, xs = np.indices(small.shape)
-    mass = small.sum()
-    cy, cx = (ys * small).sum() / mass, (xs * small).sum() / mass
-    top, left = round(14 - cy), round(14 - cx)
-    out = np.zeros((28, 28), np.float32)
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + small.shape[0], 28), min(left + small.shape[1], 28)
-    out[y0:y1, x0:x1] = small[y0 - top:y1 - top, x0 - left:x1 - left]
-    return (out * 255).round().astype(np.uint8)
+    return predict.mnist_framing(np.clip(ink / contrast, 0, 1))  # the framing: unchanged
 
 
 def digits(args) -> tuple[np.ndarray, np.ndarray, str]:

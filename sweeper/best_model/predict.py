@@ -93,9 +93,14 @@ def load_image(path: Path) -> np.ndarray:
 
 def to_mnist(grey: np.ndarray) -> np.ndarray:
     """[H, W] in [0, 1], any polarity -> uint8 [28, 28], white digit on black, MNIST framing."""
+    return mnist_framing(find_digit(grey))
+
+
+def mnist_framing(ink: np.ndarray) -> np.ndarray:
+    """A digit's ink (white on black, [0, 1]) -> uint8 [28, 28] as MNIST framed its digits: the
+    box of its ink scaled to 20 px on the longest side, centre of mass at the centre."""
     from PIL import Image
 
-    ink = find_digit(grey)
     rows, cols = np.nonzero(ink > INK)
     ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     h, w = ink.shape
