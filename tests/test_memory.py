@@ -46,6 +46,8 @@ def test_a_range_of_billions_is_refused_without_listing_it(tmp_path):
                    "search.space.dropout=choice(0.1)",
                    "search.space.width=range(1,2000000000)")
     assert "the grid has 4,000,000,000 points, more than 1,000,000" in grid
+    steps = refusal(tmp_path, "+experiment=smoke", "search.space.lr=range(0.0001,1e30,step=0.0001)")
+    assert "more than 1e+15 steps of 0.0001" in steps  # before: Optuna's DivisionImpossible
 
 
 @pytest.mark.slow

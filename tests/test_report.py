@@ -148,3 +148,17 @@ def test_a_missing_store_or_a_bad_margin_is_one_line_and_writes_nothing(tmp_path
         assert report_main(["--study", "nope", "--margin", margin]) == 2
         assert f"--margin {float(margin)}: give a number of points > 0" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_command_a_sweep_prints_finds_its_mlflow_store(tiny_cfg, tmp_path):
+    """A sweep that moved only its Optuna store keeps MLflow in mlruns/mlflow.db: the printed
+    `python -m sweeper.report --study X --storage ...` must find it there (the mlflow.db
+    beside the Optuna store is looked for first, and is not there)."""
+    (tmp_path / "runs").mkdir()
+    tiny_cfg.search.storage = f"sqlite:///{tmp_path}/runs/optuna.db"
+    tiny_cfg.tracking.uri = "sqlite:///mlruns/mlflow.db"  # the default, in the working folder
+    tiny_cfg.search.checkpoint_dir = str(tmp_path / "ckpt")
+    run_study(tiny_cfg)
+    assert report_main(["--study", "tiny", "--storage", tiny_cfg.search.storage,
+                        "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.md").is_file()

@@ -637,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--study", required=True, help="the study's search.study_name")
     ap.add_argument("--storage", default=DEFAULT_STORAGE)
-    ap.add_argument("--tracking-uri", help="default: the mlflow.db beside a SQLite --storage, "
-                    f"else {DEFAULT_TRACKING}")
+    ap.add_argument("--tracking-uri", help="default: the mlflow.db beside a SQLite --storage "
+                    f"if there is one, else {DEFAULT_TRACKING}")
     ap.add_argument("--no-mlflow", action="store_true", help="no curves, nothing logged")
     ap.add_argument("--out", type=Path, help="default: mlruns/reports/STUDY/")
     ap.add_argument("--include-pruned", action="store_true")
@@ -649,9 +649,8 @@ def main(argv: list[str] | None = None) -> int:
                          "%(default)s)")
     args = ap.parse_args(argv)
     out = args.out or Path("mlruns/reports") / args.study
-    if args.tracking_uri is None:  # the MLflow store the sweep made beside its Optuna store
-        db = stores.sqlite_path(args.storage)
-        args.tracking_uri = f"sqlite:///{db.parent / 'mlflow.db'}" if db else DEFAULT_TRACKING
+    if args.tracking_uri is None:
+        args.tracking_uri = stores.default_tracking(args.storage)
     try:
         if not (math.isfinite(args.margin) and args.margin > 0):
             raise UserError(f"--margin {args.margin}: give a number of points > 0 (default "

@@ -50,7 +50,7 @@ from lightning_modules.metrics import (
 )
 from sweeper.record import repeat_records, stores
 from sweeper.settings import faultpoints, objectives
-from sweeper.settings.config import DEFAULT_STORAGE, DEFAULT_TRACKING, Config
+from sweeper.settings.config import DEFAULT_STORAGE, Config
 from sweeper.settings.errors import UserError, one_line
 
 # Largest |logit difference| allowed between an exported file and the trained model, checked on
@@ -382,9 +382,8 @@ def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
     if db is not None and not db.is_file():
         raise UserError(f"--storage {args.storage}: no such file (run this where the sweep ran, "
                         "or pass --storage sqlite:///PATH/optuna.db)")
-    if args.tracking_uri is None:  # the MLflow store the sweep made beside its Optuna store
-        args.tracking_uri = (f"sqlite:///{db.parent / 'mlflow.db'}" if db is not None
-                             else DEFAULT_TRACKING)
+    if args.tracking_uri is None:
+        args.tracking_uri = stores.default_tracking(args.storage)
     tracking_db = stores.sqlite_path(args.tracking_uri)
     if not args.no_mlflow and tracking_db is not None and not tracking_db.is_file():
         raise UserError(f"--tracking-uri {args.tracking_uri}: no such file (pass the sweep's "

@@ -258,16 +258,26 @@ def find_digit(grey: np.ndarray) -> np.ndarray:
         wide: Found | None = _find(_pad(grey, m, float(np.median(rim))))
     except NoDigit:
         wide = None
-    if wide is not None and (found is None or wide.ink.size > found.ink.size):
+    # Kept only where it holds what the first reading found (a tight 7's stem is inside the
+    # whole 7): on a photo, a table's edge away from the image's side could otherwise win.
+    if wide is not None and (found is None or (wide.ink.size > found.ink.size and contains(
+            [v - m for v in wide.box], found.box))):
         return wide.ink
     if found is None:
         raise refusal
     return found.ink
 
 
+def contains(outer: list[int], inner: list[int], slack: int = 2) -> bool:
+    """Does box `outer` (top, left, bottom, right) hold box `inner`, give or take `slack` px?"""
+    return (outer[0] <= inner[0] + slack and outer[1] <= inner[1] + slack
+            and outer[2] >= inner[2] - slack and outer[3] >= inner[3] - slack)
+
+
 @dataclass
 class Found:
     ink: np.ndarray  # the digit's ink, cropped
+    box: list[int]  # where it was: top, left, bottom, right in the image read
     tight: bool  # the image's ink touches all four of its sides
     lines: int  # ruled or squared lines found and removed
 
@@ -312,4 +322,5 @@ def _find(grey: np.ndarray) -> Found:
     near = cv2.dilate(digit.astype(np.uint8), np.ones((3, 3), np.uint8)) & ~lines & 1
     out = (ink * near)[max(0, top - 1):bottom + 1, max(0, left - 1):right + 1]
     core = out[digit[max(0, top - 1):bottom + 1, max(0, left - 1):right + 1]]
-    return Found(np.clip(out / float(np.percentile(core, 90)), 0, 1), tight, n_lines)
+    return Found(np.clip(out / float(np.percentile(core, 90)), 0, 1),
+                 [int(v) for v in (top, left, bottom, right)], tight, n_lines)

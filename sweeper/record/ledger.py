@@ -272,11 +272,11 @@ def self_check(rdb: optuna.storages.RDBStorage) -> str | None:
     study_id = None
     try:
         # Scratch studies of checks on this machine whose process was killed mid-check.
-        for old in rdb.get_all_studies():
-            owner = old.study_name.removeprefix(SELF_CHECK_PREFIX).rpartition("/")[0]
-            if old.study_name.startswith(SELF_CHECK_PREFIX) and owner and \
-                    liveness.is_dead_here(owner):
-                with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # tidying only: never a reason to fail the check
+            for old in rdb.get_all_studies():
+                owner = old.study_name.removeprefix(SELF_CHECK_PREFIX).rpartition("/")[0]
+                if old.study_name.startswith(SELF_CHECK_PREFIX) and owner and \
+                        liveness.is_dead_here(owner):
                     rdb.delete_study(old._study_id)
         study_id = rdb.create_new_study(
             [StudyDirection.MAXIMIZE],

@@ -156,3 +156,14 @@ def local_path(uri: str) -> Path | None:
 
         return Path(unquote(urlparse(uri).path))
     return None if "://" in uri else Path(uri)
+
+
+def default_tracking(storage: str) -> str:
+    """The MLflow store of a study whose Optuna store is `storage`: the mlflow.db beside a
+    SQLite store when there is one (a sweep run with both in another folder), else the
+    default mlruns/mlflow.db (where a sweep that moved only its Optuna store put it)."""
+    from sweeper.settings.config import DEFAULT_TRACKING
+
+    db = sqlite_path(storage)
+    beside = db.parent / "mlflow.db" if db is not None else None
+    return f"sqlite:///{beside}" if beside is not None and beside.is_file() else DEFAULT_TRACKING

@@ -7,7 +7,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -398,6 +398,7 @@ def validate(cfg: Config) -> None:
 
 MAX_GRID = 1_000_000  # grid points (the grid sampler lists every one)
 MAX_INT = 2**31
+MAX_STEPS = 10**15  # values of one stepped parameter
 
 
 def grid_count(p: ParamSpec) -> int:
@@ -406,8 +407,10 @@ def grid_count(p: ParamSpec) -> int:
         return len(p.choices or [])
     if p.step is None:  # low == high
         return 1
-    lo, hi, step = (Decimal(str(v)) for v in (p.low, p.high, p.step))
-    return int((hi - lo) // step) + 1
+    with localcontext() as exact:  # enough digits for a count of any size (1e30 / 1e-4)
+        exact.prec = 1000
+        lo, hi, step = (Decimal(str(v)) for v in (p.low, p.high, p.step))
+        return int((hi - lo) // step) + 1
 
 
 def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
@@ -434,15 +437,20 @@ def _validate_param(name: str, p: ParamSpec, sampler: str) -> None:
         _check(not (p.log and p.low <= 0), f"{key}: log scale needs low > 0 (got {p.low})")
         _check(not (p.log and p.step is not None), f"{key}: use either log or step, not both")
         _check(p.step is None or p.step > 0, f"{key}.step={p.step} must be > 0")
+        # Optuna's own step arithmetic has 28 digits (more steps: an error at the first trial)
+        _check(p.step is None or grid_count(p) <= MAX_STEPS,
+               f"{key}: more than {MAX_STEPS:.0e} steps of {p.step} from {p.low} to {p.high}; "
+               "use a larger step")
         if sampler == "grid":
             _check(p.step is not None or p.low == p.high,
                    f"{key}: search.sampler=grid needs 'step' (or type: categorical) for every "
                    "parameter")
         # Sizes past this overflow the arithmetic of the memory estimate and of the layers
         # themselves long before they could fit anywhere.
-        _check(p.type != "int" or max(abs(p.low), abs(p.high)) < MAX_INT,
-               f"{key}: {float(max(abs(p.low), abs(p.high))):.4g} is out of range: must be below "
-               "2**31")
+        if p.type == "int" and max(abs(p.low), abs(p.high)) >= MAX_INT:
+            big = max(abs(p.low), abs(p.high))
+            shown = f"{big:.4g}" if big < 1e300 else "a number of more than 300 digits"
+            raise UserError(f"{key}: {shown} is out of range: must be below 2**31")
         values = [p.low, p.high]
     def number(v: Any) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool)

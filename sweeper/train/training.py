@@ -219,7 +219,9 @@ def train_bytes(spec: TrialSpec, in_shape: tuple[int, ...], n_classes: int = 10
             net = build_model(spec.arch, in_shape, n_classes).train()
         params = count_params(net)
     except RuntimeError as e:  # a layer too large for torch's size arithmetic (int64 bytes)
-        if "overflow" not in str(e) or a.family != "mlp":
+        if "overflow" not in str(e):
+            raise
+        if a.family != "mlp":
             raise UserError(f"a network of this search space is too large to build ({e}); "
                             "lower the largest size setting") from None
         sizes = [math.prod(in_shape), *a.hidden, n_classes]  # weights and biases
