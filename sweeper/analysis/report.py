@@ -568,14 +568,10 @@ def build(study_name: str, storage: str, tracking_uri: str | None, out: Path,
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    db = stores.sqlite_path(storage)
-    if db is not None and not db.is_file():  # Optuna would create an empty store there
-        raise UserError(f"--storage {storage}: no such file (run this where the sweep ran, or "
-                        "pass --storage sqlite:///PATH/optuna.db)")
-    tracking_db = stores.sqlite_path(tracking_uri) if tracking_uri else None
-    if tracking_db is not None and not tracking_db.is_file():
-        raise UserError(f"--tracking-uri {tracking_uri}: no such file (pass the sweep's "
-                        "tracking.uri, or --no-mlflow for a report without curves)")
+    stores.require_store(storage, "--storage", stores.STORAGE_HINT)
+    if tracking_uri:
+        stores.require_store(tracking_uri, "--tracking-uri", "pass the sweep's tracking.uri, or "
+                             "--no-mlflow for a report without curves")
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:

@@ -378,16 +378,12 @@ def check_inputs(args: argparse.Namespace) -> np.ndarray | None:
     parent = next(p for p in (out, *out.parents) if p.exists())
     if not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: cannot write in {parent}")
-    db = stores.sqlite_path(args.storage)
-    if db is not None and not db.is_file():
-        raise UserError(f"--storage {args.storage}: no such file (run this where the sweep ran, "
-                        "or pass --storage sqlite:///PATH/optuna.db)")
+    stores.require_store(args.storage, "--storage", stores.STORAGE_HINT)
     if args.tracking_uri is None:
         args.tracking_uri = stores.default_tracking(args.storage)
-    tracking_db = stores.sqlite_path(args.tracking_uri)
-    if not args.no_mlflow and tracking_db is not None and not tracking_db.is_file():
-        raise UserError(f"--tracking-uri {args.tracking_uri}: no such file (pass the sweep's "
-                        "tracking.uri, or --no-mlflow to export without logging)")
+    if not args.no_mlflow:
+        stores.require_store(args.tracking_uri, "--tracking-uri", "pass the sweep's tracking.uri, "
+                             "or --no-mlflow to export without logging")
     if not args.no_mlflow:
         stores.check_reachable(args.tracking_uri, "--tracking-uri")
     return kaggle.read_test(args.kaggle_test) if args.kaggle_test else None

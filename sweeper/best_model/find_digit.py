@@ -253,9 +253,8 @@ def find_digit(grey: np.ndarray) -> np.ndarray:
         return found.ink
     h, w = grey.shape
     m = max(h, w) // 4 + 1
-    rim = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     try:
-        wide: Found | None = _find(_pad(grey, m, float(np.median(rim))))
+        wide: Found | None = _find(_pad(grey, m, rim_level(grey)))
     except NoDigit:
         wide = None
     # Kept only where it holds what the first reading found (a tight 7's stem is inside the
@@ -285,10 +284,14 @@ class Found:
 def touches_every_side(grey: np.ndarray) -> bool:
     """Something far from the ground's level (the rim's median) on each side of the image: ink
     cut by all four sides, as in a tight crop (or lines, or a table, seen all round)."""
-    rim = [grey[0], grey[-1], grey[:, 0], grey[:, -1]]
-    level = float(np.median(np.concatenate(rim)))
-    far = 0.5 * (float(grey.max()) - float(grey.min()))
-    return all(float(np.abs(side - level).max()) >= far for side in rim)
+    level, far = rim_level(grey), 0.5 * (float(grey.max()) - float(grey.min()))
+    return all(float(np.abs(side - level).max()) >= far
+               for side in (grey[0], grey[-1], grey[:, 0], grey[:, -1]))
+
+
+def rim_level(grey: np.ndarray) -> float:
+    """The ground's level as the image's rim shows it (a tight crop may be mostly ink inside)."""
+    return float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
 
 
 def _pad(grey: np.ndarray, margin: int, level: float) -> np.ndarray:

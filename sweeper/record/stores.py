@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sweeper.settings import faultpoints
+from sweeper.settings.config import DEFAULT_TRACKING
 from sweeper.settings.errors import UserError, one_line
 
 REACH_TIMEOUT_S = 5  # a tracking server that does not answer /health in this time is down
@@ -162,8 +163,16 @@ def default_tracking(storage: str) -> str:
     """The MLflow store of a study whose Optuna store is `storage`: the mlflow.db beside a
     SQLite store when there is one (a sweep run with both in another folder), else the
     default mlruns/mlflow.db (where a sweep that moved only its Optuna store put it)."""
-    from sweeper.settings.config import DEFAULT_TRACKING
-
     db = sqlite_path(storage)
     beside = db.parent / "mlflow.db" if db is not None else None
     return f"sqlite:///{beside}" if beside is not None and beside.is_file() else DEFAULT_TRACKING
+
+
+STORAGE_HINT = "run this where the sweep ran, or pass --storage sqlite:///PATH/optuna.db"
+
+
+def require_store(uri: str, flag: str, hint: str) -> None:
+    """A SQLite store a command reads must be there (opening it would create an empty one)."""
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise UserError(f"{flag} {uri}: no such file ({hint})")
